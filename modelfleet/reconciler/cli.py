@@ -1,0 +1,178 @@
+"""The `modelfleet` command line. Exit codes: 0 ok, 1 invalid input, 2 usage, 3 runtime failure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from modelfleet.reconciler.config import Config, ConfigError, load_config
+from modelfleet.reconciler.planning import PlanResult, make_plan
+from modelfleet.reconciler.tree import DirectoryTree
+from modelfleet.state.loader import load_tree
+from modelfleet.state.units import format_memory
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _revision_of(path: Path) -> str:
+    """The commit a working directory is at (``-dirty`` when it has changes), or ``workdir``."""
+    try:
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "workdir"
+
+
+def _repo_dir(arg: str) -> Path:
+    path = Path(arg)
+    if not path.is_dir():
+        raise UsageError(f"{arg}: not a directory (give the path of a manifest repository)")
+    return path
+
+
+class UsageError(Exception):
+    pass
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    repo = _repo_dir(args.repo)
+    catalog = load_tree(DirectoryTree(repo))
+    errors = catalog.all_errors()
+    if args.json:
+        out.print_json(json.dumps({"valid": not errors, "errors": [e.to_json() for e in errors]}))
+    for error in errors:
+        err.print(str(error), markup=False)
+    if errors:
+        err.print(f"{len(errors)} error(s) in {repo}", style="bold red")
+        return EXIT_INVALID
+    if not args.json:
+        n_dep = sum(len(m.deployments) for m in catalog.models.values())
+        out.print(f"{repo}: valid ({len(catalog.environments)} environments, {len(catalog.policies)} "
+                  f"policies, {len(catalog.models)} models, {n_dep} deployments)")
+    return EXIT_OK
+
+
+def _load_config_or_exit(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            err.print(str(error), markup=False)
+        raise SystemExit(EXIT_INVALID) from None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    repo = _repo_dir(args.repo)
+    config = _load_config_or_exit(args.config)
+    hosts = list(config.pool.hosts)
+    if args.offline:
+        actual, owned, down = [], None, frozenset[str]()
+    else:
+        from modelfleet.reconciler.observe import observe_pool
+
+        observation = observe_pool(config)
+        actual, owned, down = observation.replicas, None, observation.down_hosts
+        for host, reason in sorted(observation.errors.items()):
+            err.print(f"host {host} is unreachable: {reason}", markup=False)
+    result = make_plan(DirectoryTree(repo), hosts, _revision_of(repo), actual, owned, down)
+    if args.json:
+        print(json.dumps(result.to_json(explain=args.explain), indent=2))
+    else:
+        _print_plan(result, args.explain)
+    if result.desired.errors and not args.json:
+        for error in result.desired.errors:
+            err.print(str(error), markup=False)
+    return EXIT_INVALID if result.desired.errors else EXIT_OK
+
+
+def _print_plan(result: PlanResult, explain: bool) -> None:
+    table = Table(title=f"Deployments at {result.desired.revision[:12]}", title_justify="left")
+    for column in ("model", "environment", "runtime", "replicas", "hosts", "state"):
+        table.add_column(column)
+    for key in sorted(result.desired.deployments):
+        state = result.desired.deployments[key]
+        runtime = state.runtime
+        rt = f"{runtime.type} ({runtime.cpus:g} cpu, {format_memory(runtime.memory)})" if runtime else "-"
+        if state.errors:
+            status = "[red]invalid[/red]"
+        elif not state.enabled:
+            status = "[dim]disabled[/dim]"
+        elif state.unschedulable:
+            status = f"[yellow]{state.unschedulable}[/yellow]"
+        else:
+            status = "[green]ok[/green]" + (" (serverless)" if state.serverless else "")
+        table.add_row(state.model, state.environment, rt, str(state.replicas),
+                      ", ".join(state.hosts) or "-", status)
+    out.print(table)
+    if explain:
+        for key in sorted(result.desired.deployments):
+            state = result.desired.deployments[key]
+            if state.runtime is not None:
+                out.print(f"[bold]{state.model}/{state.environment}[/bold]: runtime {state.runtime.type} "
+                          f"({state.runtime.reason})")
+            for host in state.eligible_hosts:
+                out.print(f"  [green]✓[/green] {host}")
+            for host, reason in sorted(state.excluded.items()):
+                out.print(f"  [red]✗[/red] {host}: {reason}", markup=True)
+    if not result.actions:
+        out.print("No changes: the pool matches the repository.")
+        return
+    actions = Table(title=f"{len(result.actions)} action(s)", title_justify="left")
+    for column in ("op", "model", "environment", "replica", "host", "reason"):
+        actions.add_column(column)
+    for action in result.actions:
+        actions.add_row(action.op, action.model, action.environment, str(action.replica), action.host,
+                        action.reason)
+    out.print(actions)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "validate": cmd_validate,
+    "plan": cmd_plan,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelfleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check the manifests of a repository; all errors at once")
+    p.add_argument("repo", nargs="?", default=".", help="manifest repository (default: .)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("plan", help="show where each deployment would run and what would change")
+    p.add_argument("repo", nargs="?", default=".", help="manifest repository (default: .)")
+    p.add_argument("--config", required=True, help="daemon config (modelfleet.yaml) with the pool")
+    p.add_argument("--offline", action="store_true", help="plan against an empty pool (no Docker calls)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--explain", action="store_true", help="show why each excluded host is excluded")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        err.print(f"modelfleet: {exc}", markup=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Glue between inputs and the pure core: load → desired → diff, and the plan's JSON shape."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+from modelfleet.state.actual import ObservedReplica
+from modelfleet.state.desired import DesiredState, compute_desired
+from modelfleet.state.loader import Catalog, load_tree
+from modelfleet.state.plan import Action, diff
+from modelfleet.state.pool import Host
+
+
+@dataclass
+class PlanResult:
+    catalog: Catalog
+    desired: DesiredState
+    actions: list[Action]
+
+    def to_json(self, explain: bool = True) -> dict[str, object]:
+        deployments = []
+        for key in sorted(self.desired.deployments):
+            state = self.desired.deployments[key]
+            item: dict[str, object] = {
+                "model": state.model,
+                "environment": state.environment,
+                "enabled": state.enabled,
+                "source": state.source,
+                "eligible_hosts": state.eligible_hosts,
+                "hosts": state.hosts,
+                "errors": [str(e) for e in state.errors]
+                + ([state.unschedulable] if state.unschedulable else []),
+                "replicas": state.replicas,
+                "serverless": state.serverless,
+                "spec_hash": state.spec_hash,
+            }
+            if state.runtime is not None:
+                item["runtime"] = {"type": state.runtime.type, "image": state.runtime.image,
+                                   "reason": state.runtime.reason, "port": state.runtime.port,
+                                   "cpus": state.runtime.cpus, "memory": state.runtime.memory}
+            if explain:
+                item["excluded_hosts"] = state.excluded
+            deployments.append(item)
+        return {
+            "revision": self.desired.revision,
+            "valid": not self.desired.errors,
+            "errors": [str(e) for e in self.desired.errors],
+            "deployments": deployments,
+            "actions": [a.to_json() for a in self.actions],
+        }
+
+
+def previous_placement(actual: Iterable[ObservedReplica]) -> dict[tuple[str, str], dict[int, str]]:
+    """Where each replica slot runs now (running replicas win), the input that keeps placement stable."""
+    placed: dict[tuple[str, str], dict[int, str]] = {}
+    for replica in sorted(actual, key=lambda r: (not r.running, r.container_id)):
+        placed.setdefault(replica.key, {}).setdefault(replica.index, replica.host)
+    return placed
+
+
+def make_plan(
+    files: Mapping[str, bytes],
+    hosts: list[Host],
+    revision: str,
+    actual: list[ObservedReplica] | None = None,
+    owned: Collection[str] | None = None,
+    down_hosts: frozenset[str] = frozenset(),
+    demand: Mapping[tuple[str, str], int] | None = None,
+    hf_commits: Mapping[tuple[str, str], str] | None = None,
+) -> PlanResult:
+    actual = actual or []
+    catalog = load_tree(files)
+    desired = compute_desired(catalog, hosts, revision, down_hosts=down_hosts,
+                              previous=previous_placement(actual), demand=demand, hf_commits=hf_commits)
+    return PlanResult(catalog, desired, diff(desired, actual, owned))

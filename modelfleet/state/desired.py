@@ -1,0 +1,238 @@
+"""Desired state: from a Catalog and the pool to the replicas that should run, and where.
+
+Each deployment is resolved on its own (policies, flavors, runtime, spec hash), then all are placed
+together. A deployment that has errors is *frozen*: it gets no desired replicas and the plan
+leaves whatever it has running alone (the last good state stays).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from modelfleet.state.errors import ManifestError
+from modelfleet.state.loader import Catalog, DeploymentEntry
+from modelfleet.state.manifests import Deployment
+from modelfleet.state.placement import Key, PlacementRequest, place
+from modelfleet.state.policy import PolicyLayer, allowed_flavors, exclusion_reason
+from modelfleet.state.pool import Host
+from modelfleet.state.runtimes import ResolvedRuntime, resolve_runtime
+from modelfleet.state.units import format_cpus, format_memory
+
+
+@dataclass(frozen=True)
+class DesiredReplica:
+    model: str
+    environment: str
+    index: int
+    host: str
+    spec_hash: str
+    revision: str
+    running: bool
+    runtime: ResolvedRuntime
+    origin: dict[str, object] | None  # resolved origin (digest / HF commit), for the artifact shipper
+
+    @property
+    def key(self) -> Key:
+        return (self.model, self.environment)
+
+
+@dataclass
+class DeploymentState:
+    """Everything plan/status need to explain one deployment."""
+
+    model: str
+    environment: str
+    enabled: bool
+    source: str  # file:line
+    replicas: int = 0
+    serverless: bool = False
+    runtime: ResolvedRuntime | None = None
+    spec_hash: str | None = None
+    eligible_hosts: list[str] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)  # host -> reason
+    hosts: list[str] = field(default_factory=list)
+    errors: list[ManifestError] = field(default_factory=list)
+    # Scheduling problems are not manifest errors: the next pass may succeed (a host comes back).
+    unschedulable: str | None = None
+
+    @property
+    def key(self) -> Key:
+        return (self.model, self.environment)
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.errors)
+
+
+@dataclass
+class DesiredState:
+    revision: str
+    replicas: list[DesiredReplica]
+    deployments: dict[Key, DeploymentState]
+    # Keys whose running replicas must not be touched (invalid manifests).
+    frozen: set[Key]
+    # Whether "absent from the catalog" can be trusted to mean "removed from Git".
+    complete: bool
+    errors: list[ManifestError]
+
+
+def spec_hash(runtime: ResolvedRuntime, origin: Mapping[str, object] | None) -> str:
+    """Hash of what changes the container: not replicas, placement, revision or policies."""
+    material = {
+        "runtime": {k: v for k, v in asdict(runtime).items() if k not in ("reason", "extra")},
+        "origin": origin,
+    }
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolved_origin(
+    deployment: Deployment,
+    artifact_digests: Mapping[str, str],
+    hf_commits: Mapping[tuple[str, str], str],
+) -> dict[str, object] | None:
+    origin = deployment.origin
+    if origin is None:
+        return None
+    if origin.huggingface is not None:
+        hf = origin.huggingface
+        commit = hf_commits.get((hf.model, hf.revision))
+        return {"huggingface": {"model": hf.model, "revision": hf.revision, "commit": commit}}
+    assert origin.file is not None
+    digest = origin.file.digest or artifact_digests.get(origin.file.path or "")
+    return {"file": {"sha256": digest, "path": origin.file.path}}
+
+
+def compute_desired(
+    catalog: Catalog,
+    hosts: Sequence[Host],
+    revision: str,
+    *,
+    down_hosts: frozenset[str] = frozenset(),
+    previous: Mapping[Key, Mapping[int, str]] | None = None,
+    demand: Mapping[Key, int] | None = None,
+    hf_commits: Mapping[tuple[str, str], str] | None = None,
+) -> DesiredState:
+    """Pure: catalog + pool (+ where replicas run now, + serverless demand) → desired replicas."""
+    states: dict[Key, DeploymentState] = {}
+    requests: list[PlacementRequest] = []
+    frozen: set[Key] = set()
+    hf_commits = hf_commits or {}
+    demand = demand or {}
+    for entry in catalog.deployments():
+        state = _resolve(entry, catalog, hosts, down_hosts, hf_commits)
+        states[state.key] = state
+        if state.frozen:
+            frozen.add(state.key)
+            continue
+        if state.runtime is None or not state.enabled:
+            continue
+        requests.append(PlacementRequest(state.key, state.replicas, state.runtime.cpus,
+                                         state.runtime.memory, tuple(state.eligible_hosts)))
+    for name, model in catalog.models.items():
+        if model.errors:
+            for dep in model.deployments:
+                frozen.add((name, dep.environment))
+            if not model.deployments:
+                # We cannot tell which environments it had: freeze the whole model.
+                frozen.add((name, "*"))
+
+    placement = place(requests, hosts, previous)
+    replicas: list[DesiredReplica] = []
+    for key, assignment in sorted(placement.assignments.items()):
+        state = states[key]
+        state.hosts = [assignment[i] for i in sorted(assignment)]
+        state.unschedulable = placement.unschedulable.get(key)
+        entry = catalog.models[key[0]].deployments
+        spec = next(d.spec for d in entry if d.environment == key[1])
+        assert spec is not None and state.runtime is not None and state.spec_hash is not None
+        origin = resolved_origin(spec, catalog.artifact_digests, hf_commits)
+        active = _active_replicas(spec, demand.get(key, 0))
+        for index in sorted(assignment):
+            replicas.append(DesiredReplica(
+                model=key[0], environment=key[1], index=index, host=assignment[index],
+                spec_hash=state.spec_hash, revision=revision, running=index < active,
+                runtime=state.runtime, origin=origin,
+            ))
+    return DesiredState(revision, replicas, states, frozen, catalog.complete, catalog.all_errors())
+
+
+def _active_replicas(spec: Deployment, demand: int) -> int:
+    if spec.serverless is None:
+        return spec.desired_replicas
+    return max(spec.serverless.min_replicas, min(demand, spec.serverless.max_replicas))
+
+
+def _slots(spec: Deployment) -> int:
+    """Containers to place. A serverless deployment keeps at least one (stopped) standby so a
+    cold start is a container start, not an image pull and an artifact transfer."""
+    if spec.serverless is None:
+        return spec.desired_replicas
+    return max(spec.serverless.min_replicas, 1)
+
+
+def _resolve(
+    entry: DeploymentEntry,
+    catalog: Catalog,
+    hosts: Sequence[Host],
+    down_hosts: frozenset[str],
+    hf_commits: Mapping[tuple[str, str], str],
+) -> DeploymentState:
+    spec = entry.spec
+    state = DeploymentState(entry.model, entry.environment, bool(spec.enabled) if spec else False,
+                            entry.source.where, errors=list(entry.errors))
+    if spec is None or state.errors:
+        if not state.errors:
+            state.errors.append(entry.source.error((), "deployment is invalid"))
+        return state
+    env, _ = catalog.environments[entry.environment]
+    env_layer = PolicyLayer(f'environment "{entry.environment}"',
+                            tuple(catalog.policies[p][0] for p in env.spec.policies))
+    dep_layer = PolicyLayer("the deployment", tuple(catalog.policies[p][0] for p in spec.policies))
+    layers = (env_layer, dep_layer)
+
+    # Requested flavors must be allowed by the policies: an error, never a silent fallback.
+    allowed = allowed_flavors(layers)
+    for i, flavor in enumerate(spec.flavors):
+        if allowed is not None and flavor not in allowed:
+            owner = f'environment "{entry.environment}"'
+            if dep_layer.of_type("flavor"):
+                owner += " and the deployment"
+            state.errors.append(entry.source.error(
+                ("flavors", i), f'flavor "{flavor}" is not allowed by policies of {owner}',
+                "allowed: " + ", ".join(sorted(allowed)) if allowed else "no flavor is allowed"))
+    origin = spec.origin
+    if origin is not None and origin.file is not None and origin.file.path is not None \
+            and origin.file.path not in catalog.artifact_digests:
+        state.errors.append(entry.source.error(("origin", "file", "path"),
+                                               f"file {origin.file.path!r} is not in the repository",
+                                               "commit the .mar or upload it and use sha256"))
+    if state.errors:
+        return state
+
+    hf_commit = None
+    if origin is not None and origin.huggingface is not None:
+        hf_commit = hf_commits.get((origin.huggingface.model, origin.huggingface.revision))
+    runtime = resolve_runtime(spec, hf_commit)
+    state.runtime = runtime
+    state.serverless = spec.serverless is not None
+    state.replicas = _slots(spec) if spec.enabled else 0
+    state.spec_hash = spec_hash(runtime, resolved_origin(spec, catalog.artifact_digests, hf_commits))
+    requested = set(spec.flavors)
+    for host in hosts:
+        reason = exclusion_reason(layers, host)
+        if reason is None and requested and not (requested & host.flavor_names):
+            reason = "does not offer requested flavor " + ", ".join(sorted(requested))
+        if reason is None and host.name in down_hosts:
+            reason = "host is down"
+        if reason is None and (host.capacity.cpus < runtime.cpus or host.capacity.memory < runtime.memory):
+            reason = (f"too small: needs {format_cpus(runtime.cpus)} cpus / {format_memory(runtime.memory)}, "
+                      f"host has {host.capacity.describe()}")
+        if reason is None:
+            state.eligible_hosts.append(host.name)
+        else:
+            state.excluded[host.name] = reason
+    return state

@@ -1,0 +1,104 @@
+"""Which inference server runs a deployment, with what image, port, probe and resources.
+
+Pure: from the manifest (and, when known, facts about the model) to a ResolvedRuntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from modelfleet.state.manifests import Deployment, Origin, ReadinessProbe, Runtime, RuntimeType
+
+RUNTIME_IMAGE_VERSION = "0.1.0"
+
+# Images of the runtimes we build ourselves (`modelfleet runtimes build`) and the official ones.
+DEFAULT_IMAGES: dict[str, str] = {
+    "torch": f"modelfleet/runtime-torch:{RUNTIME_IMAGE_VERSION}",
+    "transformers": f"modelfleet/runtime-transformers:{RUNTIME_IMAGE_VERSION}",
+    "tei": "ghcr.io/huggingface/text-embeddings-inference:cpu-1.5",
+    "tgi": "ghcr.io/huggingface/text-generation-inference:2.4.0",
+}
+DEFAULT_PORTS: dict[str, int] = {"torch": 8080, "transformers": 8080, "tei": 80, "tgi": 80, "custom": 8080}
+DEFAULT_PROBE_PATHS: dict[str, str] = {
+    "torch": "/ping", "transformers": "/health", "tei": "/health", "tgi": "/health", "custom": "/",
+}
+# (cpus, memory bytes) when the manifest does not say.
+DEFAULT_RESOURCES: dict[str, tuple[float, int]] = {
+    "torch": (1.0, 2 * 2**30),
+    "transformers": (1.0, 2 * 2**30),
+    "tei": (1.0, 2 * 2**30),
+    "tgi": (2.0, 8 * 2**30),
+    "custom": (0.5, 256 * 2**20),
+}
+MODEL_MOUNT = "/model"
+
+
+@dataclass(frozen=True)
+class ResolvedProbe:
+    path: str
+    port: int
+    initial_delay: float = 0.0
+    period: float = 1.0
+    timeout: float = 2.0
+    failure_threshold: int = 3
+
+
+@dataclass(frozen=True)
+class ResolvedRuntime:
+    type: RuntimeType
+    image: str
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    port: int
+    cpus: float
+    memory: int
+    probe: ResolvedProbe
+    reason: str  # why this runtime (named in the manifest, or suggested from the origin)
+    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+
+def suggest_runtime(origin: Origin | None) -> tuple[RuntimeType, str]:
+    if origin is None:
+        return "custom", "no origin"
+    if origin.file is not None:
+        return "torch", "origin is a model archive (.mar): TorchServe-compatible torch runtime"
+    return "transformers", "origin is a HuggingFace model: transformers runtime"
+
+
+def resolve_runtime(deployment: Deployment, hf_revision: str | None = None) -> ResolvedRuntime:
+    runtime = deployment.runtime
+    if runtime is None:
+        kind, reason = suggest_runtime(deployment.origin)
+        runtime = Runtime(type=kind)
+    else:
+        kind, reason = runtime.type, "named in the manifest"
+    port = runtime.port or DEFAULT_PORTS[kind]
+    default_cpus, default_memory = DEFAULT_RESOURCES[kind]
+    probe = runtime.readiness_probe or ReadinessProbe(path=DEFAULT_PROBE_PATHS[kind])
+    args = tuple(runtime.args) if runtime.args is not None else _default_args(kind, deployment, hf_revision)
+    return ResolvedRuntime(
+        type=kind,
+        image=runtime.image or DEFAULT_IMAGES[kind],
+        args=args,
+        env=tuple(sorted(runtime.env.items())),
+        port=port,
+        cpus=runtime.resources.cpus or default_cpus,
+        memory=runtime.resources.memory or default_memory,
+        probe=ResolvedProbe(
+            path=probe.path,
+            port=probe.port or port,
+            initial_delay=probe.initial_delay,
+            period=probe.period,
+            timeout=probe.timeout,
+            failure_threshold=probe.failure_threshold,
+        ),
+        reason=reason,
+    )
+
+
+def _default_args(kind: str, deployment: Deployment, hf_revision: str | None) -> tuple[str, ...]:
+    origin = deployment.origin
+    if kind in ("tei", "tgi") and origin is not None and origin.huggingface is not None:
+        revision = hf_revision or origin.huggingface.revision
+        return ("--model-id", MODEL_MOUNT, "--revision", revision, "--port", str(DEFAULT_PORTS[kind]))
+    return ()

@@ -139,9 +139,110 @@ def _print_plan(result: PlanResult, explain: bool) -> None:
     out.print(actions)
 
 
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s",
+                        datefmt="[%X]", handlers=[RichHandler(console=err, show_path=False, markup=False)])
+    for noisy in ("apscheduler", "urllib3", "docker", "httpx", "httpcore", "git", "watchfiles"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from modelfleet.reconciler.service import run_daemon
+
+    config = _load_config_or_exit(args.config)
+    _setup_logging(args.verbose)
+    return run_daemon(config, str(Path(args.config).resolve()), once=args.once)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from modelfleet.reconciler.gateway import run_gateway
+
+    config = _load_config_or_exit(args.config)
+    _setup_logging(args.verbose)
+    run_gateway(config)
+    return EXIT_OK
+
+
+def _api_get(args: argparse.Namespace, path: str) -> dict[str, object]:
+    import httpx
+
+    base = args.api
+    token = None
+    if args.config:
+        config = _load_config_or_exit(args.config)
+        base = base or f"http://{config.api.listen.replace('0.0.0.0', '127.0.0.1')}"
+        if config.api.token_file:
+            token = Path(config.api.token_file).read_text().strip()
+    base = base or "http://127.0.0.1:8081"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.get(base.rstrip("/") + path, headers=headers, timeout=10, trust_env=False)
+    except httpx.HTTPError as exc:
+        err.print(f"modelfleet: cannot reach the daemon API at {base}: {exc}", markup=False)
+        raise SystemExit(EXIT_RUNTIME) from None
+    if response.status_code != 200:
+        err.print(f"modelfleet: {base}{path} answered {response.status_code}: {response.text[:300]}", markup=False)
+        raise SystemExit(EXIT_RUNTIME)
+    data: dict[str, object] = response.json()
+    return data
+
+
+_STATE_STYLE = {"success": "green", "pending": "yellow", "failure": "red", "error": "red"}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = _api_get(args, "/api/v1/status")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    revision = str(data.get("revision") or "-")
+    applied = str(data.get("lastAppliedRevision") or "-")
+    out.print(f"revision {revision[:12]} (last applied {applied[:12]})")
+    if data.get("sourceError"):
+        out.print(f"[red]source error:[/red] {data['sourceError']}")
+    for error in data.get("errors") or []:  # type: ignore[attr-defined]
+        out.print(f"[red]error:[/red] {error}")
+    table = Table()
+    for column in ("model", "environment", "state", "ready", "hosts", "message"):
+        table.add_column(column)
+    for d in data.get("deployments") or []:  # type: ignore[attr-defined]
+        style = _STATE_STYLE.get(d["state"], "")
+        table.add_row(d["model"], d["environment"], f"[{style}]{d['state']}[/{style}]",
+                      f"{d['ready_replicas']}/{d['desired_replicas']}", ", ".join(d["hosts"]), d["message"])
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    data = _api_get(args, "/api/v1/hosts")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    table = Table()
+    for column in ("host", "health", "location", "flavors", "capacity", "replicas"):
+        table.add_column(column)
+    for h in data.get("hosts") or []:  # type: ignore[attr-defined]
+        health = "[green]up[/green]" if h["up"] else f"[red]down[/red] {h.get('error') or ''}"
+        loc = h["location"]
+        cap = h["capacity"]
+        table.add_row(h["name"], health, f"{loc['name']} ({loc['country']}, {loc['continent']})",
+                      ", ".join(h["flavors"]), f"{cap['cpus']:g} cpus / {format_memory(cap['memory'])}",
+                      str(h["replicas"]))
+    out.print(table)
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "plan": cmd_plan,
+    "run": cmd_run,
+    "gateway": cmd_gateway,
+    "status": cmd_status,
+    "hosts": cmd_hosts,
 }
 
 
@@ -159,6 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="plan against an empty pool (no Docker calls)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--explain", action="store_true", help="show why each excluded host is excluded")
+
+    p = sub.add_parser("run", help="run the reconciler daemon (and, by default, a gateway child)")
+    p.add_argument("--config", required=True, help="daemon config (modelfleet.yaml)")
+    p.add_argument("--once", action="store_true", help="run one reconcile pass and exit")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("gateway", help="run the inference gateway (data plane) on gateway.listen")
+    p.add_argument("--config", required=True, help="daemon config (modelfleet.yaml)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    for verb, text in (("status", "show deployments and their state (from the daemon API)"),
+                       ("hosts", "show the pool's hosts and their health (from the daemon API)")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("--config", help="daemon config, to find the API address and token")
+        p.add_argument("--api", help="API base URL (default: from --config, else http://127.0.0.1:8081)")
+        p.add_argument("--json", action="store_true")
     return parser
 
 

@@ -1,0 +1,275 @@
+"""Apply a plan to the pool: create, blue-green replace, start, stop, remove.
+
+Actions of one deployment run in plan order, one at a time (a rolling blue-green); deployments run
+in parallel. Every step is written to the store *before* it happens on a host (write-ahead), so a
+daemon killed at any point converges on the next pass and never leaves an orphan.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+
+from modelfleet.reconciler.config import RolloutSettings
+from modelfleet.reconciler.docker_pool import ContainerInfo, ContainerSpec, HostClient
+from modelfleet.reconciler.errors import (
+    DockerOperationError,
+    ModelfleetError,
+    NotReady,
+    TerminalError,
+)
+from modelfleet.reconciler.store import Store
+from modelfleet.state.actual import ObservedReplica, container_name, labels_for
+from modelfleet.state.desired import DesiredReplica
+from modelfleet.state.plan import Action
+from modelfleet.state.pool import Host
+
+log = logging.getLogger("modelfleet.apply")
+Key = tuple[str, str]
+
+
+@dataclass
+class ActionOutcome:
+    action: Action
+    ok: bool
+    error: str | None = None
+    terminal: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class ApplyReport:
+    outcomes: list[ActionOutcome] = field(default_factory=list)
+
+    def for_key(self, key: Key) -> list[ActionOutcome]:
+        return [o for o in self.outcomes if (o.action.model, o.action.environment) == key]
+
+    @property
+    def failed(self) -> list[ActionOutcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+
+class ReadinessProber:
+    """Readiness = the replica answers its probe path with 2xx, not merely 'the process started'."""
+
+    def __init__(self) -> None:
+        self._client = httpx.Client(follow_redirects=False, trust_env=False)
+
+    def probe(self, url: str, timeout: float) -> bool:
+        try:
+            response = self._client.get(url, timeout=timeout)
+            return 200 <= response.status_code < 300
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class Applier:
+    def __init__(
+        self,
+        clients: Mapping[str, HostClient],
+        hosts: Mapping[str, Host],
+        store: Store,
+        rollout: RolloutSettings,
+        publish_routes: Callable[[], None],
+        *,
+        drain_seconds: float = 0.5,
+        stop_event: threading.Event | None = None,
+        prepare_volumes: Callable[[HostClient, DesiredReplica], dict[str, dict[str, str]] | None] | None = None,
+    ) -> None:
+        self.clients = clients
+        self.hosts = hosts
+        self.store = store
+        self.rollout = rollout
+        self.publish_routes = publish_routes
+        self.drain_seconds = drain_seconds
+        self.stop_event = stop_event or threading.Event()
+        self.prepare_volumes = prepare_volumes
+        self.prober = ReadinessProber()
+        self._publish_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.prober.close()
+
+    # --- entry point ----------------------------------------------------------------------------
+
+    def apply(self, pass_id: int, actions: Sequence[Action],
+              on_outcome: Callable[[ActionOutcome], None] | None = None) -> ApplyReport:
+        groups: dict[Key, list[Action]] = {}
+        for action in actions:
+            groups.setdefault((action.model, action.environment), []).append(action)
+        report = ApplyReport()
+        lock = threading.Lock()
+
+        def run_group(group: list[Action]) -> None:
+            for action in group:
+                if self.stop_event.is_set():
+                    return  # shutting down: the next pass picks up the rest
+                outcome = self._run(pass_id, action)
+                with lock:
+                    report.outcomes.append(outcome)
+                if on_outcome is not None:
+                    on_outcome(outcome)
+                if not outcome.ok and action.op in ("create", "replace", "start"):
+                    # Don't tear down the old replicas of a deployment whose new ones fail.
+                    return
+
+        with ThreadPoolExecutor(max_workers=self.rollout.parallelism) as pool:
+            list(pool.map(run_group, groups.values()))
+        return report
+
+    def _run(self, pass_id: int, action: Action) -> ActionOutcome:
+        started = time.monotonic()
+        container = action.current.name if action.current else None
+        action_id = self.store.begin_action(pass_id, action.op, action.model, action.environment, action.host,
+                                            action.replica, container)
+        try:
+            handler = {"create": self._create, "replace": self._replace, "remove": self._remove,
+                       "start": self._start, "stop": self._stop}[action.op]
+            handler(action)
+        except ModelfleetError as exc:
+            self.store.finish_action(action_id, "failed", str(exc))
+            log.warning("%s %s/%s replica %d on %s failed: %s", action.op, action.model, action.environment,
+                        action.replica, action.host, exc)
+            return ActionOutcome(action, False, str(exc), isinstance(exc, TerminalError | NotReady),
+                                 time.monotonic() - started)
+        self.store.finish_action(action_id, "ok")
+        log.info("%s %s/%s replica %d on %s (%s) in %.2fs", action.op, action.model, action.environment,
+                 action.replica, action.host, action.reason, time.monotonic() - started)
+        return ActionOutcome(action, True, None, False, time.monotonic() - started)
+
+    def _publish(self) -> None:
+        with self._publish_lock:
+            self.publish_routes()
+
+    # --- operations -----------------------------------------------------------------------------
+
+    def _create(self, action: Action) -> None:
+        assert action.desired is not None
+        self._bring_up(action.desired)
+
+    def _replace(self, action: Action) -> None:
+        """Blue-green: new replica up and ready and routed, then the old one drained and removed.
+
+        If the new one never gets ready, it is removed and the old one keeps serving (auto-revert).
+        """
+        assert action.desired is not None and action.current is not None
+        self._bring_up(action.desired)
+        self._take_down(action.current)
+
+    def _remove(self, action: Action) -> None:
+        assert action.current is not None
+        self._take_down(action.current)
+
+    def _start(self, action: Action) -> None:
+        assert action.desired is not None and action.current is not None
+        client = self.clients[action.current.host]
+        client.start(action.current.container_id)
+        info = client.inspect(action.current.container_id)
+        self._await_ready(action.desired, client, info)
+
+    def _stop(self, action: Action) -> None:
+        assert action.current is not None
+        current = action.current
+        self.store.set_ready(current.host, current.name, False)
+        self._publish()
+        time.sleep(self.drain_seconds)
+        self.clients[current.host].stop(current.container_id)
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def _bring_up(self, want: DesiredReplica) -> None:
+        client = self.clients[want.host]
+        name = container_name(want.model, want.environment, want.index, want.spec_hash)
+        spec = self._container_spec(client, want, name)
+        self.store.record_intent(want.host, name, want.model, want.environment, want.index, want.spec_hash,
+                                 want.revision)
+        try:
+            info = client.create_and_start(spec)
+        except DockerOperationError as exc:
+            if "Conflict" not in str(exc) and "already in use" not in str(exc):
+                raise
+            # A leftover of an interrupted attempt holds the name: it is ours (write-ahead row), replace it.
+            stale = client.find(name)
+            if stale is not None:
+                client.remove(stale.id)
+            info = client.create_and_start(spec)
+        url = self._url(want.host, info, want.runtime.port)
+        probe = want.runtime.probe
+        probe_url = self._url(want.host, info, probe.port) + probe.path if url else None
+        self.store.record_created(want.host, name, info.id, url, probe_url)
+        if not want.running:
+            client.stop(info.id)  # a serverless standby: created, shipped, not running
+            return
+        self._await_ready(want, client, info)
+
+    def _await_ready(self, want: DesiredReplica, client: HostClient, info: ContainerInfo) -> None:
+        url = self._url(want.host, info, want.runtime.port)
+        probe = want.runtime.probe
+        probe_url = self._url(want.host, info, probe.port) + probe.path if url else None
+        deadline = time.monotonic() + self.rollout.healthy_deadline
+        if probe.initial_delay:
+            time.sleep(probe.initial_delay)
+        healthy_since: float | None = None
+        attempts = 0
+        while True:
+            attempts += 1
+            ok = probe_url is not None and self.prober.probe(probe_url, probe.timeout)
+            now = time.monotonic()
+            if ok:
+                healthy_since = healthy_since or now
+                if now - healthy_since >= self.rollout.min_healthy_time:
+                    break
+            else:
+                healthy_since = None
+            if attempts % 10 == 0 and not client.inspect(info.id).running:
+                self._fail(client, want, info, "the container exited")
+            if now >= deadline or self.stop_event.is_set():
+                self._fail(client, want, info,
+                           f"not ready within {self.rollout.healthy_deadline:g}s (probe {probe.path})")
+            time.sleep(min(probe.period, 0.05 * attempts + 0.02))
+        self.store.set_ready(want.host, info.name, True, url)
+        self._publish()
+
+    def _fail(self, client: HostClient, want: DesiredReplica, info: ContainerInfo, why: str) -> None:
+        logs = client.logs_tail(info.id)
+        self.store.mark_removing(want.host, info.name)
+        client.remove(info.id)
+        self.store.forget(want.host, info.name)
+        detail = f"; last log lines: {logs}" if logs else ""
+        raise NotReady(f"new replica {want.index} of {want.model}/{want.environment} on {want.host} {why}:"
+                       f" removed it, previous version keeps serving{detail}")
+
+    def _take_down(self, old: ObservedReplica) -> None:
+        self.store.mark_removing(old.host, old.name)
+        self._publish()
+        if old.running:
+            time.sleep(self.drain_seconds)  # in-flight requests finish, gateways see the new table
+        self.clients[old.host].remove(old.container_id)
+        self.store.forget(old.host, old.name)
+
+    def _container_spec(self, client: HostClient, want: DesiredReplica, name: str) -> ContainerSpec:
+        runtime = want.runtime
+        env = dict(runtime.env)
+        env.setdefault("MODELFLEET_MODEL", want.model)
+        env.setdefault("MODELFLEET_ENVIRONMENT", want.environment)
+        volumes = self.prepare_volumes(client, want) if self.prepare_volumes else None
+        return ContainerSpec(
+            name=name, image=runtime.image, command=list(runtime.args) or None, environment=env,
+            labels=labels_for(want.model, want.environment, want.index, want.spec_hash, want.revision),
+            port=runtime.port, cpus=runtime.cpus, memory=runtime.memory, volumes=volumes,
+        )
+
+    def _url(self, host: str, info: ContainerInfo, port: int) -> str:
+        published = info.ports.get(port)
+        if published is None:
+            return ""
+        return f"http://{self.hosts[host].reach_address}:{published}"

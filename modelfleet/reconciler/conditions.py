@@ -1,0 +1,94 @@
+"""Conditions-style status per deployment (Ready / Reconciling / Stalled) and commit statuses.
+
+Pure functions from a pass's facts to status values; the daemon only stores and publishes them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from modelfleet.reconciler.status import AGGREGATE_CONTEXT, CommitStatus, State, deployment_context
+
+# Reasons (constants users can match on).
+READY = "Ready"
+PROGRESSING = "Progressing"
+INVALID_MANIFEST = "InvalidManifest"
+ROLLOUT_FAILED = "RolloutFailed"
+UNSCHEDULABLE = "Unschedulable"
+HOST_ERROR = "HostError"
+DISABLED = "Disabled"
+STANDBY = "ScaledToZero"
+
+STATE_RANK: dict[State, int] = {"success": 0, "pending": 1, "failure": 2, "error": 3}
+
+
+@dataclass
+class Condition:
+    type: str
+    status: str  # True | False | Unknown
+    reason: str
+    message: str
+    last_transition_time: float = field(default_factory=time.time)
+
+
+@dataclass
+class DeploymentStatus:
+    model: str
+    environment: str
+    state: State
+    reason: str
+    message: str
+    hosts: list[str]
+    ready_replicas: int
+    desired_replicas: int
+    revision: str
+    conditions: list[Condition] = field(default_factory=list)
+
+    @property
+    def context(self) -> str:
+        return deployment_context(self.environment, self.model)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["context"] = self.context
+        return data
+
+
+def conditions_for(state: State, reason: str, message: str, previous: list[Condition] | None) -> list[Condition]:
+    ready = "True" if state == "success" else ("Unknown" if state == "pending" else "False")
+    wanted = [
+        Condition("Ready", ready, reason, message),
+        Condition("Reconciling", "True" if state == "pending" else "False", reason, message),
+        Condition("Stalled", "True" if reason in (INVALID_MANIFEST, UNSCHEDULABLE, ROLLOUT_FAILED) else "False",
+                  reason, message),
+    ]
+    # Keep the transition time of a condition whose status did not change.
+    old = {c.type: c for c in previous or []}
+    for cond in wanted:
+        prior = old.get(cond.type)
+        if prior is not None and prior.status == cond.status:
+            cond.last_transition_time = prior.last_transition_time
+    return wanted
+
+
+def aggregate(statuses: list[DeploymentStatus], global_errors: list[str]) -> CommitStatus:
+    if global_errors:
+        first = global_errors[0]
+        more = f" (+{len(global_errors) - 1} more)" if len(global_errors) > 1 else ""
+        return CommitStatus(AGGREGATE_CONTEXT, "failure", f"{first}{more}")
+    if not statuses:
+        return CommitStatus(AGGREGATE_CONTEXT, "success", "no deployments")
+    worst: State = max((s.state for s in statuses), key=lambda st: STATE_RANK[st])
+    bad = [s for s in statuses if s.state != "success"]
+    if not bad:
+        return CommitStatus(AGGREGATE_CONTEXT, "success", f"{len(statuses)} deployment(s) up to date")
+    names = ", ".join(f"{s.environment}/{s.model}" for s in bad[:3]) + ("..." if len(bad) > 3 else "")
+    verb = {"pending": "in progress", "failure": "failed", "error": "errored", "success": "ok"}[worst]
+    return CommitStatus(AGGREGATE_CONTEXT, worst,
+                        f"{len(bad)} of {len(statuses)} deployment(s) {verb}: {names} — {bad[0].message}")
+
+
+def commit_statuses(statuses: list[DeploymentStatus], global_errors: list[str]) -> list[CommitStatus]:
+    return [CommitStatus(s.context, s.state, s.message) for s in statuses] + [aggregate(statuses, global_errors)]

@@ -1,0 +1,369 @@
+"""The daemon: one outer reconcile that always publishes status, around a linear inner pass.
+
+    sync git → load manifests → observe hosts → plan (pure) → apply → publish routes → statuses
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from modelfleet.reconciler import conditions as cond
+from modelfleet.reconciler.apply import ActionOutcome, Applier, ApplyReport
+from modelfleet.reconciler.config import Config
+from modelfleet.reconciler.docker_pool import HostClient
+from modelfleet.reconciler.errors import ModelfleetError
+from modelfleet.reconciler.git_source import GitSource, redact
+from modelfleet.reconciler.observe import Observation, observe
+from modelfleet.reconciler.planning import PlanResult, make_plan
+from modelfleet.reconciler.routes import Backend, RouteStore, route_key
+from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
+from modelfleet.reconciler.store import InventoryRow, Store
+from modelfleet.reconciler.triggers import TriggerQueue
+from modelfleet.state.plan import Action
+
+log = logging.getLogger("modelfleet.daemon")
+Key = tuple[str, str]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.passes = Counter("modelfleet_passes_total", "Reconcile passes", ["result"], registry=self.registry)
+        self.pass_seconds = Histogram("modelfleet_pass_duration_seconds", "Duration of a reconcile pass",
+                                      registry=self.registry,
+                                      buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.actions = Counter("modelfleet_actions_total", "Actions applied", ["op", "result"],
+                               registry=self.registry)
+        self.deployments = Gauge("modelfleet_deployments", "Deployments by commit state", ["state"],
+                                 registry=self.registry)
+        self.hosts_up = Gauge("modelfleet_hosts_up", "Whether a pool host answers (1) or not (0)", ["host"],
+                              registry=self.registry)
+        self.observe_seconds = Gauge("modelfleet_observe_seconds", "Duration of the last observe",
+                                     registry=self.registry)
+
+
+@dataclass
+class DaemonStatus:
+    revision: str | None = None
+    last_attempted_revision: str | None = None
+    last_applied_revision: str | None = None
+    observed_once: bool = False
+    last_pass: dict[str, Any] = field(default_factory=dict)
+    deployments: dict[Key, cond.DeploymentStatus] = field(default_factory=dict)
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    source_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "revision": self.revision,
+            "lastAttemptedRevision": self.last_attempted_revision,
+            "lastAppliedRevision": self.last_applied_revision,
+            "ready": self.observed_once,
+            "lastPass": self.last_pass,
+            "errors": self.errors,
+            "sourceError": self.source_error,
+            "deployments": [d.to_json() for _, d in sorted(self.deployments.items())],
+            "hosts": [dict(name=k, **v) for k, v in sorted(self.hosts.items())],
+        }
+
+
+class Daemon:
+    def __init__(self, config: Config, status_writer: StatusWriter | None = None,
+                 drain_seconds: float = 0.5) -> None:
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self.store = Store(self.state_dir)
+        self.routes = RouteStore(self.state_dir)
+        self.source = GitSource(config.repo.url, config.repo.branch, self.state_dir)
+        self.hosts = {h.name: h for h in config.pool.hosts}
+        self.clients = {h.name: HostClient(h, timeout=config.docker.timeout) for h in config.pool.hosts}
+        self.triggers = TriggerQueue()
+        self.stop_event = threading.Event()
+        self.metrics = Metrics()
+        self.status = DaemonStatus(last_applied_revision=self.store.fact("last_applied_revision"),
+                                   last_attempted_revision=self.store.fact("last_attempted_revision"))
+        self.status_writer = status_writer
+        self._published: dict[str, dict[str, tuple[str, str]]] = {}  # revision -> context -> (state, desc)
+        self._route_keys: set[str] = set(self.store.fact("route_keys", []))
+        self._down_hosts: frozenset[str] = frozenset()
+        self._failed_rollouts: dict[str, str] = dict(self.store.fact("failed_rollouts", {}))
+        self._consecutive_failures = 0
+        self.applier = Applier(self.clients, self.hosts, self.store, config.rollout, self.publish_routes,
+                               drain_seconds=drain_seconds, stop_event=self.stop_event)
+
+    def close(self) -> None:
+        self.applier.close()
+        for client in self.clients.values():
+            client.close()
+        self.store.close()
+        self.routes.close()
+
+    # --- routes ---------------------------------------------------------------------------------
+
+    def publish_routes(self) -> int:
+        table: dict[str, list[Backend]] = {key: [] for key in self._route_keys}
+        for row in self.store.inventory():
+            if row.phase != "active" or not row.ready or not row.url or row.host in self._down_hosts:
+                continue
+            key = route_key(row.model, row.environment)
+            if key in table:
+                table[key].append(Backend(row.url, row.name, row.host))
+        return self.routes.publish({k: tuple(sorted(v, key=lambda b: b.container)) for k, v in table.items()})
+
+    # --- the pass -------------------------------------------------------------------------------
+
+    def reconcile(self, trigger: str = "manual") -> DaemonStatus:
+        """Outer reconcile: whatever happens inside, status and history are published."""
+        started = time.monotonic()
+        pass_id = self.store.begin_pass(trigger)
+        result, summary = "failed", {}
+        try:
+            summary = self._reconcile_inner(pass_id)
+            result = "ok" if not summary.get("failed_actions") and not summary.get("down_hosts") else "degraded"
+            self._consecutive_failures = 0
+        except ModelfleetError as exc:
+            self._consecutive_failures += 1
+            self.status.source_error = str(exc)
+            summary = {"error": str(exc)}
+            log.error("pass %d failed: %s", pass_id, exc)
+        except Exception as exc:  # never let one pass kill the daemon
+            self._consecutive_failures += 1
+            summary = {"error": f"internal error: {type(exc).__name__}: {exc}"}
+            log.exception("pass %d crashed", pass_id)
+        finally:
+            seconds = time.monotonic() - started
+            summary["seconds"] = round(seconds, 3)
+            self.store.finish_pass(pass_id, self.status.revision, result, summary)
+            self.status.last_pass = {"id": pass_id, "trigger": trigger, "result": result, "seconds": seconds,
+                                     "finishedAt": time.time(), **summary}
+            self.metrics.passes.labels(result).inc()
+            self.metrics.pass_seconds.observe(seconds)
+        return self.status
+
+    def _reconcile_inner(self, pass_id: int) -> dict[str, Any]:
+        # 1. Sync the Git source: the commit to converge on.
+        revision = self.source.sync()
+        self.status.source_error = None
+        new_revision = revision != self.status.last_attempted_revision
+        self.status.revision = revision
+        self.status.last_attempted_revision = revision
+        self.store.set_fact("last_attempted_revision", revision)
+        # 2. Observe the pool (one label-filtered list per host, in parallel).
+        observation = observe(list(self.clients.values()))
+        self._down_hosts = observation.down_hosts
+        self._record_hosts(observation)
+        owned = self._reconcile_inventory(observation)
+        self.status.observed_once = True
+        # 3. Plan (pure): load manifests at the commit, desired state, diff.
+        plan = make_plan(self.source.tree(revision), list(self.hosts.values()), revision,
+                         observation.replicas, owned, observation.down_hosts)
+        actions = self._without_failed_rollouts(plan)
+        if new_revision:
+            self._publish_statuses(revision, self._pending_statuses(plan, actions))
+        # 4. Route keys: enabled deployments are routable (404 for the rest).
+        self._set_route_keys(plan)
+        self.publish_routes()
+        # 5. Apply.
+        report = self.applier.apply(pass_id, actions, self._count_outcome) if actions else ApplyReport()
+        self._record_failed_rollouts(report)
+        # 6. Routes and statuses from what is now true.
+        self._sweep_readiness()
+        self.publish_routes()
+        statuses = self._deployment_statuses(plan, report, revision)
+        global_errors = [str(e) for e in plan.catalog.errors]
+        self.status.errors = global_errors
+        self._publish_statuses(revision, cond.commit_statuses(list(statuses.values()), global_errors))
+        if all(s.state == "success" for s in statuses.values()) and not global_errors:
+            self.status.last_applied_revision = revision
+            self.store.set_fact("last_applied_revision", revision)
+        return {
+            "revision": revision,
+            "actions": len(actions),
+            "failed_actions": [f"{o.action.op} {o.action.model}/{o.action.environment}: {o.error}"
+                               for o in report.failed],
+            "down_hosts": sorted(observation.down_hosts),
+            "observe_seconds": round(observation.seconds, 4),
+            "errors": len(plan.desired.errors),
+        }
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def _record_hosts(self, observation: Observation) -> None:
+        for name, host in self.hosts.items():
+            down = name in observation.down_hosts
+            self.metrics.hosts_up.labels(name).set(0 if down else 1)
+            self.status.hosts[name] = {
+                "url": redact(host.url), "up": not down, "error": observation.errors.get(name),
+                "location": host.location.model_dump(), "flavors": [f.name for f in host.flavors],
+                "capacity": {"cpus": host.capacity.cpus, "memory": host.capacity.memory},
+                "replicas": sum(1 for r in observation.replicas if r.host == name),
+            }
+        self.metrics.observe_seconds.set(observation.seconds)
+
+    def _reconcile_inventory(self, observation: Observation) -> set[str]:
+        """Bring the inventory in line with what the hosts show; return the container ids we own."""
+        by_name = {(r.host, r.name): r for r in observation.replicas}
+        owned: set[str] = set()
+        for row in self.store.inventory():
+            if row.host in observation.down_hosts:
+                if row.container_id:
+                    owned.add(row.container_id)
+                continue
+            seen = by_name.get((row.host, row.name))
+            if seen is None:
+                # Gone (removed by hand, or a create that never happened): forget it; if it is still
+                # wanted, the plan creates it again.
+                self.store.forget(row.host, row.name)
+                continue
+            if row.container_id != seen.container_id:
+                self.store.adopt(row.host, row.name, seen.container_id)
+            if row.ready and not seen.running:
+                self.store.set_ready(row.host, row.name, False)
+            owned.add(seen.container_id)
+        return owned
+
+    def _without_failed_rollouts(self, plan: PlanResult) -> list[Action]:
+        """A version that failed to become ready is not retried until its spec changes (auto-revert)."""
+        kept = []
+        for action in plan.actions:
+            if action.desired is not None and action.op in ("create", "replace"):
+                marker = f"{action.model}/{action.environment}@{action.desired.spec_hash}"
+                if marker in self._failed_rollouts:
+                    continue
+            kept.append(action)
+        # Forget failures of specs that are no longer desired.
+        desired = {f"{r.model}/{r.environment}@{r.spec_hash}" for r in plan.desired.replicas}
+        stale = [m for m in self._failed_rollouts if m not in desired]
+        for marker in stale:
+            del self._failed_rollouts[marker]
+        if stale:
+            self.store.set_fact("failed_rollouts", self._failed_rollouts)
+        return kept
+
+    def _record_failed_rollouts(self, report: ApplyReport) -> None:
+        changed = False
+        for outcome in report.failed:
+            action = outcome.action
+            if outcome.terminal and action.desired is not None and action.op in ("create", "replace"):
+                marker = f"{action.model}/{action.environment}@{action.desired.spec_hash}"
+                self._failed_rollouts[marker] = outcome.error or "rollout failed"
+                changed = True
+        if changed:
+            self.store.set_fact("failed_rollouts", self._failed_rollouts)
+
+    def _count_outcome(self, outcome: ActionOutcome) -> None:
+        self.metrics.actions.labels(outcome.action.op, "ok" if outcome.ok else "failed").inc()
+
+    def _set_route_keys(self, plan: PlanResult) -> None:
+        keys = {route_key(*k) for k, s in plan.desired.deployments.items() if s.enabled or s.frozen}
+        if keys != self._route_keys:
+            self._route_keys = keys
+            self.store.set_fact("route_keys", sorted(keys))
+
+    def _sweep_readiness(self) -> None:
+        """Running replicas not known ready (after a restart, or restarted by Docker): probe once."""
+        rows = [r for r in self.store.inventory()
+                if r.phase == "active" and not r.ready and r.probe_url and r.host not in self._down_hosts]
+        if not rows:
+            return
+
+        def check(row: InventoryRow) -> tuple[InventoryRow, bool]:
+            return row, self.applier.prober.probe(row.probe_url or "", timeout=1.0)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for row, ok in pool.map(check, rows):
+                if ok:
+                    self.store.set_ready(row.host, row.name, True)
+
+    def _pending_statuses(self, plan: PlanResult, actions: Sequence[Action]) -> list[CommitStatus]:
+        touched = {(a.model, a.environment) for a in actions}
+        statuses = []
+        for key, state in sorted(plan.desired.deployments.items()):
+            if key in touched:
+                statuses.append(CommitStatus(cond.deployment_context(state.environment, state.model), "pending",
+                                             f"rolling out to {', '.join(state.hosts) or 'the pool'}"))
+        if statuses:
+            statuses.append(CommitStatus(cond.AGGREGATE_CONTEXT, "pending",
+                                         f"applying {len(actions)} action(s) to {len(touched)} deployment(s)"))
+        return statuses
+
+    def _deployment_statuses(self, plan: PlanResult, report: ApplyReport,
+                             revision: str) -> dict[Key, cond.DeploymentStatus]:
+        inventory = self.store.inventory()
+        result: dict[Key, cond.DeploymentStatus] = {}
+        counts: dict[str, int] = {"success": 0, "pending": 0, "failure": 0, "error": 0}
+        for key, state in sorted(plan.desired.deployments.items()):
+            desired_running = [r for r in plan.desired.replicas if r.key == key and r.running]
+            ready_rows = [r for r in inventory if (r.model, r.environment) == key and r.ready and r.phase == "active"
+                          and r.host not in self._down_hosts and r.spec_hash == state.spec_hash]
+            failures = [o for o in report.for_key(key) if not o.ok]
+            marker = f"{state.model}/{state.environment}@{state.spec_hash}"
+            hosts = sorted({r.host for r in ready_rows})
+            short = revision[:7]
+            status: cond.State
+            if state.errors:
+                status, reason, message = "failure", cond.INVALID_MANIFEST, str(state.errors[0])
+                if len(state.errors) > 1:
+                    message += f" (+{len(state.errors) - 1} more)"
+                if any(r.model == state.model and r.environment == state.environment for r in inventory):
+                    message += "; the last good version keeps running"
+            elif not state.enabled:
+                status, reason, message = "success", cond.DISABLED, "disabled: no replicas, endpoint answers 404"
+            elif failures and any(f.terminal for f in failures):
+                status, reason, message = "failure", cond.ROLLOUT_FAILED, failures[0].error or "rollout failed"
+            elif marker in self._failed_rollouts:
+                status, reason, message = "failure", cond.ROLLOUT_FAILED, self._failed_rollouts[marker]
+            elif failures:
+                status, reason, message = "error", cond.HOST_ERROR, failures[0].error or "action failed"
+            elif state.unschedulable and len(ready_rows) < len(desired_running):
+                status, reason, message = "failure", cond.UNSCHEDULABLE, f"unschedulable: {state.unschedulable}"
+            elif len(ready_rows) >= len(desired_running):
+                if desired_running:
+                    status, reason = "success", cond.READY
+                    message = f"{len(ready_rows)}/{len(desired_running)} ready on {', '.join(hosts)} at {short}"
+                else:
+                    status, reason, message = "success", cond.STANDBY, f"scaled to zero (standby) at {short}"
+            else:
+                down = sorted(self._down_hosts)
+                why = f"; host(s) down: {', '.join(down)}" if down else ""
+                status, reason = "error", cond.HOST_ERROR
+                message = f"{len(ready_rows)}/{len(desired_running)} replicas ready{why}"
+            previous = self.status.deployments.get(key)
+            result[key] = cond.DeploymentStatus(
+                state.model, state.environment, status, reason, message, hosts, len(ready_rows),
+                len(desired_running), revision,
+                cond.conditions_for(status, reason, message, previous.conditions if previous else None))
+            counts[status] += 1
+        for name, value in counts.items():
+            self.metrics.deployments.labels(name).set(value)
+        self.status.deployments = result
+        return result
+
+    def _publish_statuses(self, revision: str, statuses: list[CommitStatus]) -> None:
+        """Write statuses that changed since last written for this commit (forges are rate-limited)."""
+        if self.status_writer is None or not statuses:
+            return
+        seen = self._published.setdefault(revision, {})
+        changed = [s for s in statuses if seen.get(s.context) != (s.state, s.description)]
+        if not changed:
+            return
+        try:
+            self.status_writer.publish(revision, changed)
+        except StatusError as exc:
+            log.warning("publishing commit statuses failed: %s", exc)
+            return
+        for s in changed:
+            seen[s.context] = (s.state, s.description)
+        if len(self._published) > 20:  # only recent commits matter
+            for old in list(self._published)[:-20]:
+                del self._published[old]

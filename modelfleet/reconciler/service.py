@@ -1,0 +1,204 @@
+"""`modelfleet run`: the long-running daemon process.
+
+Threads: the reconcile loop (main thread), the HTTP API (uvicorn), the poll scheduler
+(APScheduler), the ref watcher (watchfiles), and a supervisor for the child gateway process.
+SIGTERM/SIGINT stop it cleanly: the current action finishes or is safely abandoned (the store is
+write-ahead), and the loop exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from modelfleet.reconciler.api import make_api, read_secret
+from modelfleet.reconciler.config import Config
+from modelfleet.reconciler.daemon import Daemon
+from modelfleet.reconciler.sdnotify import notify, watchdog_interval
+from modelfleet.reconciler.status import StatusWriter
+from modelfleet.reconciler.triggers import watch_refs
+
+log = logging.getLogger("modelfleet.service")
+MAX_BACKOFF = 60.0
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return (host or "127.0.0.1").strip("[]"), int(port)
+
+
+def make_status_writer(config: Config, daemon: Daemon) -> StatusWriter | None:
+    if config.status.provider == "none":
+        return None
+    from modelfleet.reconciler.status.factory import make_writer
+
+    return make_writer(config.status.provider, repo_path=str(daemon.source.path), repo_url=config.repo.url,
+                       base_url=config.status.url, token_file=config.status.token_file,
+                       push=config.status.push)
+
+
+class GatewaySupervisor:
+    """Keeps one gateway process running for the embedded setup; adopts one that survived us."""
+
+    def __init__(self, config_path: str, config: Config, stop: threading.Event) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.stop = stop
+        self.pidfile = Path(config.state_dir) / "gateway.pid"
+        self.process: subprocess.Popen[bytes] | None = None
+        host, port = split_listen(config.gateway.listen)
+        self.health_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}/healthz"
+
+    def _alive(self) -> bool:
+        try:
+            return httpx.get(self.health_url, timeout=0.5, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _spawn(self) -> None:
+        log_path = Path(self.config.state_dir) / "gateway.log"
+        with open(log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "modelfleet.reconciler.cli", "gateway", "--config", self.config_path],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a SIGKILL or Ctrl-C of the daemon must not take traffic down
+            )
+        self.pidfile.write_text(str(self.process.pid))
+        log.info("gateway started (pid %d) on %s", self.process.pid, self.config.gateway.listen)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            running = self.process is not None and self.process.poll() is None
+            if not running and not self._alive():
+                if self.process is not None:
+                    log.warning("gateway exited with %s; restarting", self.process.returncode)
+                self._spawn()
+            self.stop.wait(2.0)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="modelfleet-gateway-supervisor", daemon=True)
+        thread.start()
+        return thread
+
+    def terminate(self) -> None:
+        pid = None
+        if self.process is not None and self.process.poll() is None:
+            pid = self.process.pid
+        elif self.pidfile.exists():
+            with contextlib.suppress(ValueError):
+                pid = int(self.pidfile.read_text().strip())
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
+        with contextlib.suppress(FileNotFoundError):
+            self.pidfile.unlink()
+
+
+def run_daemon(config: Config, config_path: str, *, once: bool = False) -> int:
+    daemon = Daemon(config)
+    daemon.status_writer = make_status_writer(config, daemon)
+    stop = daemon.stop_event
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: finishing the current step, then exiting", signal.Signals(signum).name)
+        notify("STOPPING=1")
+        stop.set()
+        daemon.triggers.fire("shutdown")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    if once:
+        daemon.reconcile("once")
+        daemon.close()
+        return 0 if daemon.status.last_pass.get("result") == "ok" else 3
+
+    # HTTP API.
+    api_host, api_port = split_listen(config.api.listen)
+    app = make_api(daemon, read_secret(config.api.token_file), read_secret(config.repo.webhook_secret_file),
+                   daemon.triggers.fire)
+    server = uvicorn.Server(uvicorn.Config(app, host=api_host, port=api_port, log_level="warning",
+                                           access_log=False, lifespan="off"))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    api_thread = threading.Thread(target=server.run, name="modelfleet-api", daemon=True)
+    api_thread.start()
+
+    # Gateway child (embedded mode).
+    supervisor = None
+    if config.gateway.mode == "child":
+        supervisor = GatewaySupervisor(config_path, config, stop)
+        supervisor.start()
+
+    # Poll timer with jitter, and the watchdog.
+    scheduler = BackgroundScheduler(daemon=True)
+    scheduler.add_job(lambda: daemon.triggers.fire("poll"), "interval", seconds=config.repo.poll_interval,
+                      jitter=max(1, int(config.repo.poll_interval * 0.1)), id="poll")
+    interval = watchdog_interval()
+    if interval:
+        scheduler.add_job(lambda: notify("WATCHDOG=1"), "interval", seconds=interval, id="watchdog")
+    scheduler.start()
+
+    # Ref watcher for local repositories: a push triggers a pass within a second.
+    if config.repo.watch:
+        paths = daemon.source.watch_paths()
+        if paths:
+            watch_refs(paths, lambda: daemon.triggers.fire("watch"), stop)
+
+    daemon.triggers.fire("startup")
+    notified_ready = False
+    backoff = 1.0
+    try:
+        while not stop.is_set():
+            reason = daemon.triggers.wait(timeout=1.0)
+            if reason is None or stop.is_set():
+                continue
+            daemon.reconcile(reason)
+            if not notified_ready and daemon.status.observed_once:
+                notify("READY=1")
+                notified_ready = True
+            if daemon.status.last_pass.get("result") == "ok":
+                backoff = 1.0
+            else:
+                # Transient trouble: retry with backoff, jittered (the poll timer also retries).
+                delay = min(backoff, MAX_BACKOFF) * (0.8 + 0.4 * random.random())
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                timer = threading.Timer(delay, lambda: daemon.triggers.fire("retry"))
+                timer.daemon = True
+                timer.start()
+    finally:
+        scheduler.shutdown(wait=False)
+        server.should_exit = True
+        if supervisor is not None:
+            supervisor.terminate()
+        api_thread.join(timeout=5)
+        daemon.close()
+        log.info("stopped")
+    return 0
+
+
+def wait_for(url: str, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0, trust_env=False).status_code < 500:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False

@@ -1,0 +1,345 @@
+"""Forge status providers: the commit-status APIs of Gitea/Forgejo, GitHub and GitLab.
+
+Each writer POSTs one status per context on the commit, with bounded retries (connection errors,
+timeouts, 429 and 5xx; small exponential backoff), and raises StatusError otherwise. The token is
+kept out of reprs, logs and exception messages.
+
+API references (request shapes the tests' stand-in forge checks):
+- Gitea/Forgejo: ``POST /api/v1/repos/{owner}/{repo}/statuses/{sha}``, ``Authorization: token T``,
+  JSON ``{state, target_url, description, context}``, states pending|success|error|failure|warning.
+- GitHub: ``POST /repos/{owner}/{repo}/statuses/{sha}``, ``Authorization: Bearer T``,
+  ``Accept: application/vnd.github+json``, ``X-GitHub-Api-Version: 2022-11-28``, JSON
+  ``{state, target_url, description, context}``, states error|failure|pending|success; GitHub
+  keeps 140 characters of a description and 255 bytes of a context.
+- GitLab: ``POST /api/v4/projects/{id or url-encoded path}/statuses/{sha}``, ``PRIVATE-TOKEN: T``,
+  ``{state, name, description, target_url}``, states pending|running|success|failed|canceled|skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from modelfleet.reconciler.status import CommitStatus, State, StatusError, StatusWriter
+from modelfleet.reconciler.status.git_notes import GitNotesWriter, redact_url
+
+log = logging.getLogger("modelfleet.status.forges")
+
+GITHUB_API_URL = "https://api.github.com"
+USER_AGENT = "modelfleet-status/0.1"
+PROVIDERS = ("git-notes", "gitea", "github", "gitlab", "none")
+
+_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+_SCP_LIKE = re.compile(r"^(?:[^@/:]+@)?(?P<host>[^:/]+):(?P<path>.+)$")
+_MAX_DELAY = 5.0
+
+
+class _Secret:
+    """A token that does not show itself in reprs, f-strings or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _ForgeWriter:
+    """Shared transport: one POST per status, retried on transient failures."""
+
+    forge: ClassVar[str]
+    max_description: ClassVar[int] = 255
+
+    def __init__(self, base_url: str, target: str, token: str, *, timeout: float = 10.0,
+                 attempts: int = 3, backoff: float = 0.5) -> None:
+        url = httpx.URL(base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"{self.forge}: base URL must be an http(s) URL, got {redact_url(base_url)!r}")
+        if not token.strip():
+            raise ValueError(f"{self.forge}: the status token is empty")
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self.base_url = base_url.rstrip("/")
+        self._target = target
+        self._token = _Secret(token.strip())
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff = backoff
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(base_url={redact_url(self.base_url)!r}, "
+                f"{self._target_field}={self._target!r}, token=***)")
+
+    _target_field: ClassVar[str] = "owner_repo"
+
+    # -- per forge ------------------------------------------------------------------------------
+
+    def _url(self, sha: str) -> str:
+        raise NotImplementedError
+
+    def _headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _body(self, status: CommitStatus) -> dict[str, Any]:
+        body: dict[str, Any] = {"state": status.state, "context": status.context,
+                                "description": _cut(status.description, self.max_description)}
+        if status.target_url:
+            body["target_url"] = status.target_url
+        return body
+
+    def _check(self, status: CommitStatus) -> None:
+        """Refuse, before sending anything, a status the forge would reject."""
+
+    def _accepts(self, response: httpx.Response) -> bool:
+        """A non-2xx answer that still means the status is in place."""
+        return False
+
+    # -- StatusWriter ---------------------------------------------------------------------------
+
+    def publish(self, revision: str, statuses: list[CommitStatus]) -> None:
+        if not _SHA.fullmatch(revision):
+            raise StatusError(f"{self.forge}: {revision!r} is not a full commit SHA")
+        for status in statuses:
+            self._check(status)
+        if not statuses:
+            return
+        with httpx.Client(timeout=self.timeout, follow_redirects=False,
+                          headers={"User-Agent": USER_AGENT}) as client:
+            for status in statuses:
+                self._post(client, revision, status)
+
+    def _post(self, client: httpx.Client, sha: str, status: CommitStatus) -> None:
+        url, body, headers = self._url(sha), self._body(status), self._headers()
+        what = f"{self.forge}: status {status.context!r} on {sha[:12]} of {self._target}"
+        problem = "no attempt made"
+        for attempt in range(1, self.attempts + 1):
+            delay = self.backoff * 2 ** (attempt - 1)
+            try:
+                response = client.post(url, json=body, headers=headers)
+            except httpx.TransportError as exc:  # connection refused/reset, timeouts, protocol errors
+                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                if response.is_success or self._accepts(response):
+                    log.debug("%s: %s", what, status.state)
+                    return
+                problem = f"HTTP {response.status_code} {response.reason_phrase}: {_explain(response)}"
+                if response.status_code < 500 and response.status_code != 429:
+                    raise StatusError(self._hide(f"{what}: {problem}"))
+                delay = max(delay, _retry_after(response))
+            if attempt < self.attempts:
+                log.debug("%s: attempt %d/%d failed (%s)", what, attempt, self.attempts, self._hide(problem))
+                time.sleep(min(delay, _MAX_DELAY))
+        raise StatusError(self._hide(f"{what}: {problem} (gave up after {self.attempts} attempts)"))
+
+    def _hide(self, text: str) -> str:
+        return redact_url(text.replace(self._token.reveal(), "***"))
+
+
+class GiteaWriter(_ForgeWriter):
+    """Gitea / Forgejo: ``POST {base}/api/v1/repos/{owner}/{repo}/statuses/{sha}``."""
+
+    forge = "gitea"
+
+    def __init__(self, base_url: str, owner_repo: str, token: str, **options: Any) -> None:
+        super().__init__(base_url, _owner_repo(owner_repo, "gitea"), token, **options)
+
+    def _url(self, sha: str) -> str:
+        owner, name = self._target.split("/")
+        return f"{self.base_url}/api/v1/repos/{quote(owner, safe='')}/{quote(name, safe='')}/statuses/{sha}"
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"token {self._token.reveal()}", "Accept": "application/json"}
+
+
+class GitHubWriter(_ForgeWriter):
+    """GitHub (and GitHub Enterprise, base ``https://HOST/api/v3``): ``POST {base}/repos/{o}/{r}/statuses/{sha}``.
+
+    ``base_url=None`` means ``https://api.github.com``.
+    """
+
+    forge = "github"
+    max_description = 140
+    max_context_bytes = 255
+
+    def __init__(self, base_url: str | None, owner_repo: str, token: str, **options: Any) -> None:
+        super().__init__(base_url or GITHUB_API_URL, _owner_repo(owner_repo, "github"), token, **options)
+
+    def _url(self, sha: str) -> str:
+        owner, name = self._target.split("/")
+        return f"{self.base_url}/repos/{quote(owner, safe='')}/{quote(name, safe='')}/statuses/{sha}"
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token.reveal()}",
+                "Accept": "application/vnd.github+json",
+                "X-GitHub-Api-Version": "2022-11-28"}
+
+    def _check(self, status: CommitStatus) -> None:
+        size = len(status.context.encode())
+        if size > self.max_context_bytes:
+            raise StatusError(f"github: context {status.context[:60]!r}... is {size} bytes, "
+                              f"GitHub accepts at most {self.max_context_bytes}")
+
+
+_GITLAB_STATES: dict[State, str] = {"pending": "pending", "success": "success",
+                                    "failure": "failed", "error": "failed"}
+
+
+class GitLabWriter(_ForgeWriter):
+    """GitLab: ``POST {base}/api/v4/projects/{id}/statuses/{sha}`` (id: number or url-encoded path)."""
+
+    forge = "gitlab"
+    _target_field = "project"
+
+    def __init__(self, base_url: str, project: str | int, token: str, **options: Any) -> None:
+        project = str(project).strip().strip("/")
+        if not project or (not project.isdigit() and "/" not in project):
+            raise ValueError(f"gitlab: project must be a numeric id or a path 'group/name', got {project!r}")
+        super().__init__(base_url, project, token, **options)
+
+    def _url(self, sha: str) -> str:
+        return f"{self.base_url}/api/v4/projects/{quote(self._target, safe='')}/statuses/{sha}"
+
+    def _headers(self) -> dict[str, str]:
+        return {"PRIVATE-TOKEN": self._token.reveal(), "Accept": "application/json"}
+
+    def _body(self, status: CommitStatus) -> dict[str, Any]:
+        body: dict[str, Any] = {"state": _GITLAB_STATES[status.state], "name": status.context,
+                                "description": _cut(status.description, self.max_description)}
+        if status.target_url:
+            body["target_url"] = status.target_url
+        return body
+
+    def _accepts(self, response: httpx.Response) -> bool:
+        # GitLab refuses to post the state a status already has ("Cannot transition status via
+        # :run from :running"): the status is already what we want.
+        return response.status_code == 400 and "Cannot transition status" in response.text
+
+
+class NullWriter:
+    """Provider ``none``: statuses are not published anywhere."""
+
+    def publish(self, revision: str, statuses: list[CommitStatus]) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "NullWriter()"
+
+
+# -- factory ---------------------------------------------------------------------------------------
+
+
+def make_writer(provider: str, *, repo_path: str, repo_url: str | None = None, base_url: str | None = None,
+                token_file: str | None = None, push: bool = True) -> StatusWriter:
+    """The status writer for the ``status:`` settings.
+
+    ``git-notes`` writes into the daemon's clone at ``repo_path`` and pushes to its ``origin``.
+    Forge providers derive owner/name (GitLab: the full project path) from ``repo_url`` and,
+    when ``base_url`` is not given, the API base from the same host. ValueError on bad settings.
+    """
+    if provider == "git-notes":
+        return GitNotesWriter(repo_path, remote="origin", push=push)
+    if provider == "none":
+        return NullWriter()
+    if provider not in ("gitea", "github", "gitlab"):
+        raise ValueError(f"unknown status provider {provider!r} (expected one of: {', '.join(PROVIDERS)})")
+    if not repo_url:
+        raise ValueError(f"status provider {provider!r} needs the repository URL (repo.url)")
+    token = _read_token(provider, token_file)
+    origin, host, segments = _split_repo_url(repo_url)
+    if base_url:
+        prefix = [s for s in urlsplit(base_url).path.split("/") if s]
+        if prefix and segments[: len(prefix)] == prefix:
+            segments = segments[len(prefix):]  # forge served under a sub-path
+    if len(segments) < 2:
+        raise ValueError(f"cannot tell owner/name from repository URL {redact_url(repo_url)!r}")
+    if provider == "gitlab":
+        return GitLabWriter(base_url or origin, "/".join(segments), token)
+    owner_repo = "/".join(segments[-2:])
+    if provider == "gitea":
+        return GiteaWriter(base_url or origin, owner_repo, token)
+    if not base_url and host != "github.com":
+        base_url = f"{origin}/api/v3"  # GitHub Enterprise Server
+    return GitHubWriter(base_url or GITHUB_API_URL, owner_repo, token)
+
+
+def _read_token(provider: str, token_file: str | None) -> str:
+    if not token_file:
+        raise ValueError(f"status provider {provider!r} needs a token file (status.tokenFile)")
+    try:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ValueError(f"status token file {token_file} does not exist (status.tokenFile, "
+                         f"provider {provider!r})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read status token file {token_file}: {exc.strerror}") from None
+    if not token:
+        raise ValueError(f"status token file {token_file} is empty")
+    return token
+
+
+def _split_repo_url(url: str) -> tuple[str, str, list[str]]:
+    """(web origin, host, path segments without .git) of https://, ssh:// and scp-like git URLs."""
+    url = url.strip()
+    if "://" in url:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.scheme not in ("http", "https", "ssh", "git", "git+ssh", "ssh+git") or not host:
+            raise ValueError(f"cannot tell the forge from repository URL {redact_url(url)!r}")
+        shown = f"[{host}]" if ":" in host else host
+        if parts.scheme in ("http", "https"):
+            origin = f"{parts.scheme}://{shown}" + (f":{parts.port}" if parts.port else "")
+        else:
+            origin = f"https://{shown}"
+        path = parts.path
+    else:
+        match = _SCP_LIKE.match(url)
+        if not match or url.startswith(("/", ".")):
+            raise ValueError(f"cannot tell the forge from repository URL {redact_url(url)!r}")
+        host, path = match["host"], match["path"]
+        origin = f"https://{host}"
+    segments = [s for s in path.split("/") if s]
+    if segments:
+        segments[-1] = segments[-1].removesuffix(".git")
+    return origin, host.lower(), segments
+
+
+def _owner_repo(value: str, forge: str) -> str:
+    parts = value.strip().strip("/").removesuffix(".git").split("/")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"{forge}: repository must be 'owner/name', got {value!r}")
+    return "/".join(parts)
+
+
+def _explain(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("message"), str | list | dict):
+        return _cut(str(data["message"]), 300)
+    return _cut(" ".join(response.text.split()), 300) or "(empty body)"
+
+
+def _retry_after(response: httpx.Response) -> float:
+    value = response.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 0.0

@@ -42,7 +42,7 @@ def split_listen(listen: str) -> tuple[str, int]:
 def make_status_writer(config: Config, daemon: Daemon) -> StatusWriter | None:
     if config.status.provider == "none":
         return None
-    from modelfleet.reconciler.status.factory import make_writer
+    from modelfleet.reconciler.status.forges import make_writer
 
     return make_writer(config.status.provider, repo_path=str(daemon.source.path), repo_url=config.repo.url,
                        base_url=config.status.url, token_file=config.status.token_file,

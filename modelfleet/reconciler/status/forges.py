@@ -17,8 +17,11 @@ API references (request shapes the tests' stand-in forge checks):
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,6 +60,12 @@ class _Secret:
     __str__ = __repr__
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default verification context, built once (building one costs tens of ms)."""
+    return httpx.create_ssl_context()
+
+
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -66,6 +75,7 @@ class _ForgeWriter:
 
     forge: ClassVar[str]
     max_description: ClassVar[int] = 255
+    _target_field: ClassVar[str] = "owner_repo"
 
     def __init__(self, base_url: str, target: str, token: str, *, timeout: float = 10.0,
                  attempts: int = 3, backoff: float = 0.5) -> None:
@@ -82,12 +92,17 @@ class _ForgeWriter:
         self.timeout = timeout
         self.attempts = attempts
         self.backoff = backoff
+        self._client: httpx.Client | None = None
+        self._client_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(base_url={redact_url(self.base_url)!r}, "
                 f"{self._target_field}={self._target!r}, token=***)")
 
-    _target_field: ClassVar[str] = "owner_repo"
+    @property
+    def target(self) -> str:
+        """The repository statuses go to: ``owner/name`` (GitLab: the project path or id)."""
+        return self._target
 
     # -- per forge ------------------------------------------------------------------------------
 
@@ -114,16 +129,29 @@ class _ForgeWriter:
     # -- StatusWriter ---------------------------------------------------------------------------
 
     def publish(self, revision: str, statuses: list[CommitStatus]) -> None:
+        """POST each status in order; the first one that cannot be written raises StatusError
+        (the rest are not tried: the daemon republishes everything on its next pass)."""
         if not _SHA.fullmatch(revision):
             raise StatusError(f"{self.forge}: {revision!r} is not a full commit SHA")
         for status in statuses:
             self._check(status)
-        if not statuses:
-            return
-        with httpx.Client(timeout=self.timeout, follow_redirects=False,
-                          headers={"User-Agent": USER_AGENT}) as client:
-            for status in statuses:
-                self._post(client, revision, status)
+        for status in statuses:
+            self._post(self._http(), revision, status)
+
+    def close(self) -> None:
+        """Close the pooled HTTP connections (publish opens new ones if called again)."""
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _http(self) -> httpx.Client:
+        with self._client_lock:
+            if self._client is None:
+                # No auth on the client itself: the token goes into each request's headers only.
+                self._client = httpx.Client(timeout=self.timeout, follow_redirects=False, verify=_tls_context(),
+                                            headers={"User-Agent": USER_AGENT})
+            return self._client
 
     def _post(self, client: httpx.Client, sha: str, status: CommitStatus) -> None:
         url, body, headers = self._url(sha), self._body(status), self._headers()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import tempfile
@@ -29,7 +30,7 @@ from io import BytesIO
 from typing import Any
 
 import git
-from git.exc import GitCommandError, InvalidGitRepositoryError, NoSuchPathError
+from git.exc import CommandError, InvalidGitRepositoryError, NoSuchPathError
 from gitdb.base import IStream
 
 from modelfleet.reconciler.status import NOTES_REF, CommitStatus, StatusError
@@ -89,6 +90,7 @@ class GitNotesWriter:
         self._lock = threading.Lock()
         # Notes-ref tip last known to be on the remote: skips the network when nothing changed.
         self._synced_tip: str | None = None
+        self._env: dict[str, str] | None = None  # for git commands, settled on the first publish
 
     def __repr__(self) -> str:
         remote = redact_url(self.remote) if self.remote else None
@@ -98,18 +100,19 @@ class GitNotesWriter:
 
     def publish(self, revision: str, statuses: list[CommitStatus]) -> None:
         with self._lock, _open_repo(self.repo_path) as repo:
-            _prepare_environment(repo)
             try:
+                if self._env is None:
+                    self._env = _environment(repo)
+                repo.git.update_environment(**self._env)
                 sha = _resolve_commit(repo, revision)
                 changed = self._write_local(repo, sha, statuses)
                 url = self._remote_url(repo) if self.push else None
                 if url is None:
                     return
-                local_tip = _rev(repo, NOTES_REF)
-                if not changed and local_tip is not None and local_tip == self._synced_tip:
+                if not changed and self._synced_tip is not None and _rev(repo, NOTES_REF) == self._synced_tip:
                     return  # same statuses as last time, already on the remote
                 self._sync(repo, url)
-            except GitCommandError as exc:
+            except CommandError as exc:
                 raise StatusError(_describe(self.repo_path, "git", exc)) from None
 
     # -- local note ---------------------------------------------------------------------------
@@ -130,8 +133,11 @@ class GitNotesWriter:
             changed = True
         if changed:
             document["updated_at"] = now
-            blob = _store_blob(repo, _dump(document))
-            repo.git.notes("--ref", NOTES_REF, "add", "-f", "-C", blob, sha)
+            with tempfile.TemporaryFile() as note:
+                # Exact bytes: pretty JSON has no blank lines nor trailing blanks for git to clean up.
+                note.write(_dump(document))
+                note.seek(0)
+                repo.git.notes("--ref", NOTES_REF, "add", "-f", "-F", "-", sha, istream=note)
         return changed
 
     # -- remote synchronisation ---------------------------------------------------------------
@@ -139,23 +145,23 @@ class GitNotesWriter:
     def _remote_url(self, repo: git.Repo) -> str | None:
         if not self.remote:
             return None
-        names = {remote.name for remote in repo.remotes}
-        if self.remote not in names:
+        remote = next((r for r in repo.remotes if r.name == self.remote), None)
+        if remote is None:
             if "/" in self.remote or ":" in self.remote:
                 return self.remote  # a URL or a path
             log.debug("repository %s has no remote %r: notes stay local", self.repo_path, self.remote)
             return None
         # Push/fetch by URL, so that a mirror-configured remote cannot turn this into a mirror push.
-        return str(repo.git.remote("get-url", "--push", self.remote))
+        config = remote.config_reader
+        url = config.get_value("pushurl", default="") or config.get_value("url", default="")
+        return str(url) or None
 
     def _sync(self, repo: git.Repo, url: str) -> None:
         for attempt in range(1, self.attempts + 1):
             remote_tip = self._fetch(repo, url)
-            if remote_tip is not None:
-                _merge_notes(repo, remote_tip)
-            local_tip = _rev(repo, NOTES_REF)
-            if local_tip is None or local_tip == remote_tip or (
-                    remote_tip is not None and _is_ancestor(repo, local_tip, remote_tip)):
+            # Now the remote tip or a descendant of it:
+            local_tip = _merge_notes(repo, remote_tip) if remote_tip else _rev(repo, NOTES_REF)
+            if local_tip is None or local_tip == remote_tip:
                 self._synced_tip = local_tip
                 return
             code, out, err = repo.git.push(
@@ -169,13 +175,13 @@ class GitNotesWriter:
             log.debug("notes push to %s lost a race (attempt %d/%d), merging again",
                       redact_url(url), attempt, self.attempts)
             if attempt < self.attempts:
-                time.sleep(random.uniform(0.02, 0.1) * attempt)
+                time.sleep(random.uniform(0.01, 0.05) * attempt)
         raise StatusError(f"cannot push {NOTES_REF} of repository {self.repo_path} to {redact_url(url)}: "
                           f"still rejected after {self.attempts} attempts (concurrent writers)")
 
     def _fetch(self, repo: git.Repo, url: str) -> str | None:
         """Fetch the remote notes ref to REMOTE_NOTES_REF; its tip, or None if the remote has none."""
-        repo.git.update_ref("-d", REMOTE_NOTES_REF)
+        # (A leftover REMOTE_NOTES_REF from an earlier fetch is never read when the remote has none.)
         code, out, err = repo.git.fetch(
             "--no-tags", "--no-write-fetch-head", url, f"+{NOTES_REF}:{REMOTE_NOTES_REF}",
             with_extended_output=True, with_exceptions=False, kill_after_timeout=self.timeout)
@@ -197,7 +203,7 @@ def read_statuses(repo_path: str, revision: str) -> dict[str, dict[str, Any]]:
     with _open_repo(repo_path) as repo:
         try:
             statuses: dict[str, dict[str, Any]] = _read_note(repo, _resolve_commit(repo, revision))["statuses"]
-        except GitCommandError as exc:
+        except CommandError as exc:
             raise StatusError(_describe(repo_path, "git", exc)) from None
     return statuses
 
@@ -212,15 +218,19 @@ def _open_repo(repo_path: str) -> git.Repo:
         raise StatusError(f"{repo_path} is not a git repository") from None
 
 
-def _prepare_environment(repo: git.Repo) -> None:
-    """No prompts from a daemon; an identity for the notes commits if the config has none."""
+def _environment(repo: git.Repo) -> dict[str, str]:
+    """No prompts from a daemon; an identity for the notes commits if git has none configured."""
     env = {"GIT_TERMINAL_PROMPT": "0"}
-    reader = repo.config_reader()
     for key, default in _DEFAULT_IDENTITY.items():
-        if not reader.get_value("user", key, default=""):
-            env[f"GIT_AUTHOR_{key.upper()}"] = default
-            env[f"GIT_COMMITTER_{key.upper()}"] = default
-    repo.git.update_environment(**env)
+        code, value, _ = repo.git.config("--get", f"user.{key}", with_extended_output=True,
+                                         with_exceptions=False)
+        if code == 0 and str(value).strip():
+            continue
+        for role in ("AUTHOR", "COMMITTER"):
+            variable = f"GIT_{role}_{key.upper()}"
+            if not os.environ.get(variable):
+                env[variable] = default
+    return env
 
 
 def _resolve_commit(repo: git.Repo, revision: str) -> str:
@@ -325,17 +335,17 @@ def _notes_map(repo: git.Repo, commit: str | None) -> dict[str, str]:
     return notes
 
 
-def _merge_notes(repo: git.Repo, remote_tip: str) -> None:
-    """Bring the remote notes into NOTES_REF: fast-forward, or a three-way merge commit."""
+def _merge_notes(repo: git.Repo, remote_tip: str) -> str:
+    """Bring the remote notes into NOTES_REF (fast-forward, or a three-way merge); its new tip."""
     local_tip = _rev(repo, NOTES_REF)
     if local_tip is None:
         repo.git.update_ref(NOTES_REF, remote_tip, "0" * len(remote_tip))  # only if still absent
-        return
+        return remote_tip
     if local_tip == remote_tip or _is_ancestor(repo, remote_tip, local_tip):
-        return
+        return local_tip
     if _is_ancestor(repo, local_tip, remote_tip):
         repo.git.update_ref(NOTES_REF, remote_tip, local_tip)
-        return
+        return remote_tip
     code, base_out, _ = repo.git.merge_base(local_tip, remote_tip,
                                             with_extended_output=True, with_exceptions=False)
     base = str(base_out).strip() if code == 0 else None
@@ -362,6 +372,7 @@ def _merge_notes(repo: git.Repo, remote_tip: str) -> None:
     commit = str(repo.git.commit_tree(tree, "-p", local_tip, "-p", remote_tip,
                                       "-m", "Notes merged by modelfleet")).strip()
     repo.git.update_ref(NOTES_REF, commit, local_tip)
+    return commit
 
 
 def _push_lost_race(out: str, err: str) -> bool:
@@ -377,7 +388,7 @@ def _last_lines(text: str, count: int = 3) -> str:
     return redact_url("; ".join(lines[-count:])) or "unknown error"
 
 
-def _describe(repo_path: str, operation: str, exc: GitCommandError) -> str:
+def _describe(repo_path: str, operation: str, exc: CommandError) -> str:
     stderr = exc.stderr if isinstance(exc.stderr, str) else str(exc.stderr or "")
     stderr = stderr.strip().removeprefix("stderr:").strip().strip("'")
     detail = _last_lines(stderr) if stderr else f"exit status {exc.status}"

@@ -10,11 +10,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from modelfleet.reconciler.config import Config, ConfigError, load_config
 from modelfleet.reconciler.planning import PlanResult, make_plan
 from modelfleet.reconciler.tree import DirectoryTree
+from modelfleet.state.desired import compute_desired
 from modelfleet.state.loader import load_tree
 from modelfleet.state.units import format_memory
 
@@ -50,7 +52,9 @@ class UsageError(Exception):
 def cmd_validate(args: argparse.Namespace) -> int:
     repo = _repo_dir(args.repo)
     catalog = load_tree(DirectoryTree(repo))
-    errors = catalog.all_errors()
+    # Resolving against an empty pool adds the errors that need no hosts (a flavor the policies do
+    # not allow, a missing artifact): the same errors `plan` reports.
+    errors = compute_desired(catalog, [], "validate").errors
     if args.json:
         out.print_json(json.dumps({"valid": not errors, "errors": [e.to_json() for e in errors]}))
     for error in errors:
@@ -111,7 +115,7 @@ def _print_plan(result: PlanResult, explain: bool) -> None:
         elif not state.enabled:
             status = "[dim]disabled[/dim]"
         elif state.unschedulable:
-            status = f"[yellow]{state.unschedulable}[/yellow]"
+            status = f"[yellow]{escape(state.unschedulable)}[/yellow]"
         else:
             status = "[green]ok[/green]" + (" (serverless)" if state.serverless else "")
         table.add_row(state.model, state.environment, rt, str(state.replicas),
@@ -126,7 +130,8 @@ def _print_plan(result: PlanResult, explain: bool) -> None:
             for host in state.eligible_hosts:
                 out.print(f"  [green]✓[/green] {host}")
             for host, reason in sorted(state.excluded.items()):
-                out.print(f"  [red]✗[/red] {host}: {reason}", markup=True)
+                # Reasons quote names from the config (locations are free text): not markup.
+                out.print(f"  [red]✗[/red] {host}: {escape(reason)}", markup=True)
     if not result.actions:
         out.print("No changes: the pool matches the repository.")
         return

@@ -129,7 +129,9 @@ class Daemon:
         result, summary = "failed", {}
         try:
             summary = self._reconcile_inner(pass_id)
-            result = "ok" if not summary.get("failed_actions") and not summary.get("down_hosts") else "degraded"
+            troubles = ("failed_actions", "down_hosts", "deferred_actions")
+            healthy = not any(summary.get(k) for k in troubles)
+            result = "ok" if healthy else "degraded"
             self._consecutive_failures = 0
         except ModelfleetError as exc:
             self._consecutive_failures += 1
@@ -167,7 +169,8 @@ class Daemon:
         # 3. Plan (pure): load manifests at the commit, desired state, diff.
         plan = make_plan(self.source.tree(revision), list(self.hosts.values()), revision,
                          observation.replicas, owned, observation.down_hosts)
-        actions = self._without_failed_rollouts(plan)
+        self._sweep_readiness(plan, observation)
+        actions, deferred = self._defer_unsafe_removals(self._without_failed_rollouts(plan))
         if new_revision:
             self._publish_statuses(revision, self._pending_statuses(plan, actions))
         # 4. Route keys: enabled deployments are routable (404 for the rest).
@@ -177,7 +180,7 @@ class Daemon:
         report = self.applier.apply(pass_id, actions, self._count_outcome) if actions else ApplyReport()
         self._record_failed_rollouts(report)
         # 6. Routes and statuses from what is now true.
-        self._sweep_readiness()
+        self._sweep_readiness(plan, observation)
         self.publish_routes()
         statuses = self._deployment_statuses(plan, report, revision)
         global_errors = [str(e) for e in plan.catalog.errors]
@@ -189,6 +192,7 @@ class Daemon:
         return {
             "revision": revision,
             "actions": len(actions),
+            "deferred_actions": deferred,
             "failed_actions": [f"{o.action.op} {o.action.model}/{o.action.environment}: {o.error}"
                                for o in report.failed],
             "down_hosts": sorted(observation.down_hosts),
@@ -270,20 +274,56 @@ class Daemon:
             self._route_keys = keys
             self.store.set_fact("route_keys", sorted(keys))
 
-    def _sweep_readiness(self) -> None:
-        """Running replicas not known ready (after a restart, or restarted by Docker): probe once."""
-        rows = [r for r in self.store.inventory()
-                if r.phase == "active" and not r.ready and r.probe_url and r.host not in self._down_hosts]
-        if not rows:
+    def _sweep_readiness(self, plan: PlanResult, observation: Observation) -> None:
+        """Replicas that run but are not known ready (after a restart mid-rollout, or restarted by
+        Docker) are probed once; their URLs are filled in from what the host shows."""
+        wanted = {(r.host, r.model, r.environment, r.index, r.spec_hash): r for r in plan.desired.replicas}
+        by_name = {(r.host, r.name): r for r in observation.replicas}
+        checks: list[tuple[InventoryRow, str, str]] = []
+        for row in self.store.inventory():
+            if row.phase != "active" or row.ready or row.host in self._down_hosts:
+                continue
+            url, probe_url = row.url, row.probe_url
+            if not probe_url:
+                seen = by_name.get((row.host, row.name))
+                want = wanted.get((row.host, row.model, row.environment, row.replica, row.spec_hash))
+                info = observation.containers.get((row.host, seen.container_id)) if seen else None
+                if want is None or info is None or not info.running:
+                    continue
+                address = self.hosts[row.host].reach_address
+                port, probe = info.ports.get(want.runtime.port), info.ports.get(want.runtime.probe.port)
+                if port is None or probe is None:
+                    continue
+                url = f"http://{address}:{port}"
+                probe_url = f"http://{address}:{probe}{want.runtime.probe.path}"
+            checks.append((row, url or "", probe_url))
+        if not checks:
             return
 
-        def check(row: InventoryRow) -> tuple[InventoryRow, bool]:
-            return row, self.applier.prober.probe(row.probe_url or "", timeout=1.0)
+        def check(item: tuple[InventoryRow, str, str]) -> tuple[InventoryRow, str, str, bool]:
+            row, url, probe_url = item
+            return row, url, probe_url, self.applier.prober.probe(probe_url, timeout=1.0)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for row, ok in pool.map(check, rows):
+            for row, url, probe_url, ok in pool.map(check, checks):
                 if ok:
+                    if row.container_id and not row.probe_url:
+                        self.store.record_created(row.host, row.name, row.container_id, url, probe_url)
                     self.store.set_ready(row.host, row.name, True)
+
+    def _defer_unsafe_removals(self, actions: list[Action]) -> tuple[list[Action], int]:
+        """Never remove a duplicate of a slot before the replica that stays is ready (e.g. after a
+        restart in the middle of a blue-green switch): defer it to a later pass."""
+        ready = {(r.model, r.environment, r.replica) for r in self.store.inventory()
+                 if r.ready and r.phase == "active"}
+        kept, deferred = [], 0
+        for action in actions:
+            if action.op == "remove" and action.reason == "duplicate" \
+                    and (action.model, action.environment, action.replica) not in ready:
+                deferred += 1
+                continue
+            kept.append(action)
+        return kept, deferred
 
     def _pending_statuses(self, plan: PlanResult, actions: Sequence[Action]) -> list[CommitStatus]:
         touched = {(a.model, a.environment) for a in actions}

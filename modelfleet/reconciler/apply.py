@@ -41,6 +41,8 @@ class ActionOutcome:
     error: str | None = None
     terminal: bool = False
     seconds: float = 0.0
+    # The new version never became ready and was rolled back: don't retry it until the spec changes.
+    reverted: bool = False
 
 
 @dataclass
@@ -140,7 +142,7 @@ class Applier:
             log.warning("%s %s/%s replica %d on %s failed: %s", action.op, action.model, action.environment,
                         action.replica, action.host, exc)
             return ActionOutcome(action, False, str(exc), isinstance(exc, TerminalError | NotReady),
-                                 time.monotonic() - started)
+                                 time.monotonic() - started, reverted=isinstance(exc, NotReady))
         self.store.finish_action(action_id, "ok")
         log.info("%s %s/%s replica %d on %s (%s) in %.2fs", action.op, action.model, action.environment,
                  action.replica, action.host, action.reason, time.monotonic() - started)

@@ -258,7 +258,7 @@ class Daemon:
         changed = False
         for outcome in report.failed:
             action = outcome.action
-            if outcome.terminal and action.desired is not None and action.op in ("create", "replace"):
+            if outcome.reverted and action.desired is not None and action.op in ("create", "replace"):
                 marker = f"{action.model}/{action.environment}@{action.desired.spec_hash}"
                 self._failed_rollouts[marker] = outcome.error or "rollout failed"
                 changed = True

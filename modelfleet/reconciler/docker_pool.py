@@ -175,10 +175,9 @@ class HostClient:
             self._docker().api.stop(container_id, timeout=timeout)
 
     def remove(self, container_id: str) -> None:
-        with self._translate("remove container"):
-            # Already gone is fine: removal is idempotent.
-            with contextlib.suppress(docker.errors.NotFound):
-                self._docker().api.remove_container(container_id, force=True)
+        # Already gone is fine: removal is idempotent.
+        with self._translate("remove container"), contextlib.suppress(docker.errors.NotFound):
+            self._docker().api.remove_container(container_id, force=True)
 
 
 def _info(raw: dict[str, Any]) -> ContainerInfo:

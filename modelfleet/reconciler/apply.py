@@ -195,7 +195,7 @@ class Applier:
         self.store.record_intent(want.host, name, want.model, want.environment, want.index, want.spec_hash,
                                  want.revision)
         try:
-            info = client.create_and_start(spec)
+            info = client.create_and_start(spec, start=want.running)
         except DockerOperationError as exc:
             if "Conflict" not in str(exc) and "already in use" not in str(exc):
                 raise
@@ -203,14 +203,13 @@ class Applier:
             stale = client.find(name)
             if stale is not None:
                 client.remove(stale.id)
-            info = client.create_and_start(spec)
+            info = client.create_and_start(spec, start=want.running)
         url = self._url(want.host, info, want.runtime.port)
         probe = want.runtime.probe
         probe_url = self._url(want.host, info, probe.port) + probe.path if url else None
         self.store.record_created(want.host, name, info.id, url, probe_url)
         if not want.running:
-            client.stop(info.id)  # a serverless standby: created, shipped, not running
-            return
+            return  # a serverless standby: created (image and model in place), not running
         self._await_ready(want, client, info)
 
     def _await_ready(self, want: DesiredReplica, client: HostClient, info: ContainerInfo) -> None:

@@ -28,6 +28,7 @@ from modelfleet.reconciler.routes import Backend, RouteStore, route_key
 from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
 from modelfleet.reconciler.store import InventoryRow, Store
 from modelfleet.reconciler.triggers import TriggerQueue
+from modelfleet.state.loader import Catalog, load_tree
 from modelfleet.state.plan import Action
 
 log = logging.getLogger("modelfleet.daemon")
@@ -98,6 +99,7 @@ class Daemon:
         self._down_hosts: frozenset[str] = frozenset()
         self._failed_rollouts: dict[str, str] = dict(self.store.fact("failed_rollouts", {}))
         self._consecutive_failures = 0
+        self._catalog: tuple[str, Catalog] | None = None  # loaded manifests of the last commit
         self.applier = Applier(self.clients, self.hosts, self.store, config.rollout, self.publish_routes,
                                drain_seconds=drain_seconds, stop_event=self.stop_event)
 
@@ -167,8 +169,10 @@ class Daemon:
         owned = self._reconcile_inventory(observation)
         self.status.observed_once = True
         # 3. Plan (pure): load manifests at the commit, desired state, diff.
-        plan = make_plan(self.source.tree(revision), list(self.hosts.values()), revision,
-                         observation.replicas, owned, observation.down_hosts)
+        if self._catalog is None or self._catalog[0] != revision:
+            self._catalog = (revision, load_tree(self.source.tree(revision)))
+        plan = make_plan({}, list(self.hosts.values()), revision, observation.replicas, owned,
+                         observation.down_hosts, catalog=self._catalog[1])
         self._sweep_readiness(plan, observation)
         actions, deferred = self._defer_unsafe_removals(self._without_failed_rollouts(plan))
         if new_revision:
@@ -284,8 +288,10 @@ class Daemon:
             if row.phase != "active" or row.ready or row.host in self._down_hosts:
                 continue
             url, probe_url = row.url, row.probe_url
+            seen = by_name.get((row.host, row.name))
+            if seen is not None and not seen.running:
+                continue  # a standby or a crashed replica: nothing to probe
             if not probe_url:
-                seen = by_name.get((row.host, row.name))
                 want = wanted.get((row.host, row.model, row.environment, row.replica, row.spec_hash))
                 info = observation.containers.get((row.host, seen.container_id)) if seen else None
                 if want is None or info is None or not info.running:

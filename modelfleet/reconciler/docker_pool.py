@@ -114,7 +114,7 @@ class HostClient:
             except docker.errors.ImageNotFound:
                 return False
 
-    def create_and_start(self, spec: ContainerSpec) -> ContainerInfo:
+    def create_and_start(self, spec: ContainerSpec, start: bool = True) -> ContainerInfo:
         client = self._docker()
         with self._translate("create container"):
             if not self.image_present(spec.image):
@@ -134,7 +134,8 @@ class HostClient:
                 labels=spec.labels, ports=[spec.port], host_config=host_config, detach=True,
             )
             container_id = created["Id"]
-            client.api.start(container_id)
+            if start:
+                client.api.start(container_id)
             return self.inspect(container_id)
 
     def inspect(self, container_id: str) -> ContainerInfo:

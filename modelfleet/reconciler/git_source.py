@@ -92,6 +92,14 @@ class GitSource:
         with self._lock:
             repo = self._open()
             ref = f"refs/heads/{self.branch}"
+            # Fast path for a local repository: when its branch already points where our mirror's
+            # does, there is nothing to fetch (saves a git process per pass).
+            local = self.local_path
+            if local is not None:
+                source_dir = local / ".git" if (local / ".git").is_dir() else local
+                theirs, ours = read_ref(source_dir, ref), read_ref(self.path, ref)
+                if theirs is not None and theirs == ours:
+                    return ours
             try:
                 repo.git.fetch("origin", f"+{ref}:{ref}", "--prune", "--no-tags",
                                kill_after_timeout=self.timeout)
@@ -118,6 +126,24 @@ class GitSource:
             return []
         git_dir = local / ".git" if (local / ".git").is_dir() else local
         return [p for p in (git_dir / "refs" / "heads", git_dir / "packed-refs", git_dir) if p.exists()]
+
+
+def read_ref(git_dir: Path, ref: str) -> str | None:
+    """A ref's commit read straight from the files (loose ref, then packed-refs); None if absent."""
+    try:
+        value = (git_dir / ref).read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{40}", value):
+            return value
+    except OSError:
+        pass
+    try:
+        for line in (git_dir / "packed-refs").read_text().splitlines():
+            parts = line.split(" ", 1)
+            if len(parts) == 2 and parts[1] == ref and re.fullmatch(r"[0-9a-f]{40}", parts[0]):
+                return parts[0]
+    except OSError:
+        pass
+    return None
 
 
 def is_local(url: str) -> bool:

@@ -68,9 +68,11 @@ def make_plan(
     down_hosts: frozenset[str] = frozenset(),
     demand: Mapping[tuple[str, str], int] | None = None,
     hf_commits: Mapping[tuple[str, str], str] | None = None,
+    catalog: Catalog | None = None,
 ) -> PlanResult:
+    """``catalog``: an already loaded catalog of the same files (the daemon caches it per commit)."""
     actual = actual or []
-    catalog = load_tree(files)
+    catalog = catalog if catalog is not None else load_tree(files)
     desired = compute_desired(catalog, hosts, revision, down_hosts=down_hosts,
                               previous=previous_placement(actual), demand=demand, hf_commits=hf_commits)
     return PlanResult(catalog, desired, diff(desired, actual, owned))

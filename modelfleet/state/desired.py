@@ -10,15 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from modelfleet.state.errors import ManifestError
-from modelfleet.state.loader import Catalog, DeploymentEntry
+from modelfleet.state.loader import Catalog, DeploymentEntry, gc_paused
 from modelfleet.state.manifests import Deployment
 from modelfleet.state.placement import Key, PlacementRequest, place
 from modelfleet.state.policy import PolicyLayer, allowed_flavors, exclusion_reason
 from modelfleet.state.pool import Host
-from modelfleet.state.runtimes import ResolvedRuntime, resolve_runtime
+from modelfleet.state.runtimes import ResolvedProbe, ResolvedRuntime, resolve_runtime
 from modelfleet.state.units import format_cpus, format_memory
 
 
@@ -51,6 +51,7 @@ class DeploymentState:
     serverless: bool = False
     runtime: ResolvedRuntime | None = None
     spec_hash: str | None = None
+    # Both may be shared between deployments that see the same hosts: treat them as read-only.
     eligible_hosts: list[str] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)  # host -> reason
     hosts: list[str] = field(default_factory=list)
@@ -79,12 +80,20 @@ class DesiredState:
     errors: list[ManifestError]
 
 
+_HASHED_RUNTIME_FIELDS = tuple(f.name for f in fields(ResolvedRuntime) if f.name not in ("reason", "extra"))
+_PROBE_FIELDS = tuple(f.name for f in fields(ResolvedProbe))
+
+
 def spec_hash(runtime: ResolvedRuntime, origin: Mapping[str, object] | None) -> str:
-    """Hash of what changes the container: not replicas, placement, revision or policies."""
-    material = {
-        "runtime": {k: v for k, v in asdict(runtime).items() if k not in ("reason", "extra")},
-        "origin": origin,
-    }
+    """Hash of what changes the container: not replicas, placement, revision or policies.
+
+    The material is the JSON of ``asdict(runtime)`` minus reason/extra (built by hand: ``asdict``
+    deep-copies and was a fifth of compute_desired). It labels running containers, so it must
+    never change by accident: tests pin the hashes of the examples.
+    """
+    runtime_material: dict[str, object] = {name: getattr(runtime, name) for name in _HASHED_RUNTIME_FIELDS}
+    runtime_material["probe"] = {name: getattr(runtime.probe, name) for name in _PROBE_FIELDS}
+    material = {"runtime": runtime_material, "origin": origin}
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -117,13 +126,29 @@ def compute_desired(
     hf_commits: Mapping[tuple[str, str], str] | None = None,
 ) -> DesiredState:
     """Pure: catalog + pool (+ where replicas run now, + serverless demand) → desired replicas."""
+    with gc_paused():  # an allocation burst without cycles, like loading (see gc_paused)
+        return _compute_desired(catalog, hosts, revision, down_hosts, previous, demand, hf_commits)
+
+
+def _compute_desired(
+    catalog: Catalog,
+    hosts: Sequence[Host],
+    revision: str,
+    down_hosts: frozenset[str],
+    previous: Mapping[Key, Mapping[int, str]] | None,
+    demand: Mapping[Key, int] | None,
+    hf_commits: Mapping[tuple[str, str], str] | None,
+) -> DesiredState:
     states: dict[Key, DeploymentState] = {}
     requests: list[PlacementRequest] = []
     frozen: set[Key] = set()
     hf_commits = hf_commits or {}
     demand = demand or {}
+    # Deployments with the same environment, policies, flavors and size see the same hosts:
+    # evaluate the policies once per combination, not once per deployment and host.
+    eligibility: dict[tuple[object, ...], tuple[list[str], dict[str, str]]] = {}
     for entry in catalog.deployments():
-        state = _resolve(entry, catalog, hosts, down_hosts, hf_commits)
+        state = _resolve(entry, catalog, hosts, down_hosts, hf_commits, demand.get(entry.key, 0), eligibility)
         states[state.key] = state
         if state.frozen:
             frozen.add(state.key)
@@ -146,8 +171,7 @@ def compute_desired(
         state = states[key]
         state.hosts = [assignment[i] for i in sorted(assignment)]
         state.unschedulable = placement.unschedulable.get(key)
-        entry = catalog.models[key[0]].deployments
-        spec = next(d.spec for d in entry if d.environment == key[1])
+        spec = next(d.spec for d in catalog.models[key[0]].deployments if d.environment == key[1])
         assert spec is not None and state.runtime is not None and state.spec_hash is not None
         origin = resolved_origin(spec, catalog.artifact_digests, hf_commits)
         active = _active_replicas(spec, demand.get(key, 0))
@@ -157,7 +181,12 @@ def compute_desired(
                 spec_hash=state.spec_hash, revision=revision, running=index < active,
                 runtime=state.runtime, origin=origin,
             ))
-    return DesiredState(revision, replicas, states, frozen, catalog.complete, catalog.all_errors())
+    # Errors found while resolving (a flavor the policies do not allow, a missing artifact) are
+    # errors of the repository as much as syntax errors are: they make the plan invalid.
+    errors = set(catalog.all_errors())
+    for state in states.values():
+        errors.update(state.errors)
+    return DesiredState(revision, replicas, states, frozen, catalog.complete, sorted(errors))
 
 
 def _active_replicas(spec: Deployment, demand: int) -> int:
@@ -180,10 +209,15 @@ def _resolve(
     hosts: Sequence[Host],
     down_hosts: frozenset[str],
     hf_commits: Mapping[tuple[str, str], str],
+    demand: int = 0,
+    eligibility: dict[tuple[object, ...], tuple[list[str], dict[str, str]]] | None = None,
 ) -> DeploymentState:
     spec = entry.spec
+    # Errors of the Model itself (e.g. two deployments on one environment) invalidate, and so
+    # freeze, each of its deployments: none may be changed from a manifest we could not read.
     state = DeploymentState(entry.model, entry.environment, bool(spec.enabled) if spec else False,
-                            entry.source.where, errors=list(entry.errors))
+                            entry.source.where,
+                            errors=[*entry.errors, *catalog.models[entry.model].errors])
     if spec is None or state.errors:
         if not state.errors:
             state.errors.append(entry.source.error((), "deployment is invalid"))
@@ -219,9 +253,31 @@ def _resolve(
     runtime = resolve_runtime(spec, hf_commit)
     state.runtime = runtime
     state.serverless = spec.serverless is not None
-    state.replicas = _slots(spec) if spec.enabled else 0
+    # Serverless under demand needs more than its standby slot: place what should run.
+    state.replicas = max(_slots(spec), _active_replicas(spec, demand)) if spec.enabled else 0
     state.spec_hash = spec_hash(runtime, resolved_origin(spec, catalog.artifact_digests, hf_commits))
-    requested = set(spec.flavors)
+    requested = frozenset(spec.flavors)
+    cache_key = (entry.environment, tuple(spec.policies), requested, runtime.cpus, runtime.memory)
+    cached = eligibility.get(cache_key) if eligibility is not None else None
+    if cached is None:
+        cached = _eligible_hosts(layers, requested, runtime, hosts, down_hosts)
+        if eligibility is not None:
+            eligibility[cache_key] = cached
+    # Shared by every deployment with the same inputs (read-only; copying them cost ~20 MB at 10k).
+    state.eligible_hosts, state.excluded = cached
+    return state
+
+
+def _eligible_hosts(
+    layers: Sequence[PolicyLayer],
+    requested: frozenset[str],
+    runtime: ResolvedRuntime,
+    hosts: Sequence[Host],
+    down_hosts: frozenset[str],
+) -> tuple[list[str], dict[str, str]]:
+    """Hosts that may run the deployment, and why each other host may not."""
+    eligible: list[str] = []
+    excluded: dict[str, str] = {}
     for host in hosts:
         reason = exclusion_reason(layers, host)
         if reason is None and requested and not (requested & host.flavor_names):
@@ -232,7 +288,7 @@ def _resolve(
             reason = (f"too small: needs {format_cpus(runtime.cpus)} cpus / {format_memory(runtime.memory)}, "
                       f"host has {host.capacity.describe()}")
         if reason is None:
-            state.eligible_hosts.append(host.name)
+            eligible.append(host.name)
         else:
-            state.excluded[host.name] = reason
-    return state
+            excluded[host.name] = reason
+    return eligible, excluded

@@ -8,10 +8,12 @@ everything else still loads.
 from __future__ import annotations
 
 import difflib
+import gc
 import hashlib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,12 +204,30 @@ def _looks_like_manifest(data: Any) -> bool:
 def load_tree(files: Mapping[str, bytes]) -> Catalog:
     """Load every manifest of a tree. Pure: the caller reads the files (disk or Git)."""
     catalog = Catalog()
-    for path in sorted(files):
-        if is_manifest_path(path):
-            _load_file(catalog, path, files[path])
+    with gc_paused():
+        for path in sorted(files):
+            if is_manifest_path(path):
+                _load_file(catalog, path, files[path])
     _check_references(catalog)
     _digest_artifacts(catalog, files)
     return catalog
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector around an allocation burst that creates no cycles.
+
+    Parsing allocates millions of small containers (YAML nodes, dicts, path tuples); meanwhile the
+    collector would run full passes over the whole heap and free nothing: ~40 % of load_tree at
+    10k deployments. Reference counting still frees everything as usual.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _digest_artifacts(catalog: Catalog, files: Mapping[str, bytes]) -> None:
@@ -227,7 +247,9 @@ def _load_file(catalog: Catalog, path: str, raw: bytes) -> None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        catalog.errors.append(ManifestError(path, 0, "", f"not UTF-8 text ({exc.reason})"))
+        line = raw.count(b"\n", 0, exc.start) + 1  # the line of the first offending byte
+        catalog.errors.append(ManifestError(path, line, "", f"not UTF-8 text ({exc.reason})",
+                                            "save the file as UTF-8"))
         catalog.complete = False
         return
     try:
@@ -252,7 +274,7 @@ def _load_document(catalog: Catalog, source: Source) -> None:
                                            f"use {API_VERSION}"))
         catalog.complete = False
         return
-    if kind not in MANIFEST_CLASSES:
+    if not isinstance(kind, str) or kind not in MANIFEST_CLASSES:
         close = difflib.get_close_matches(str(kind), KINDS, n=1)
         hint = f"did you mean {close[0]!r}?" if close else "use one of " + ", ".join(KINDS)
         catalog.errors.append(source.error(("kind",), f"unknown kind {kind!r}", hint))
@@ -350,16 +372,27 @@ def _add_model(catalog: Catalog, envelope: ModelEnvelope, source: Source) -> Non
 def _check_references(catalog: Catalog) -> None:
     known_policies = sorted(set(catalog.policies) | catalog.broken_policies)
     known_envs = sorted(set(catalog.environments) | catalog.broken_environments)
-    for env, source in catalog.environments.values():
+    # Environments whose policies cannot all be resolved: their deployments cannot be placed.
+    unresolved: dict[str, str] = {}
+    for name, (env, source) in catalog.environments.items():
         for i, policy in enumerate(env.spec.policies):
-            if policy not in catalog.policies and policy not in catalog.broken_policies:
+            if policy in catalog.policies:
+                continue
+            unresolved.setdefault(name, policy)
+            if policy not in catalog.broken_policies:
                 catalog.errors.append(source.error(("spec", "policies", i), f"unknown policy {policy!r}",
                                                    _choices(policy, known_policies)))
     for model in catalog.models.values():
         for dep in model.deployments:
             if dep.spec is None:
                 continue
-            if dep.environment not in catalog.environments:
+            if dep.environment in unresolved:
+                policy = unresolved[dep.environment]
+                state = "invalid" if policy in catalog.broken_policies else "unknown"
+                dep.errors.append(dep.source.error(
+                    ("environment",), f"environment {dep.environment!r} refers to {state} policy {policy!r}",
+                    "fix the Environment or Policy manifest first"))
+            elif dep.environment not in catalog.environments:
                 if dep.environment in catalog.broken_environments:
                     dep.errors.append(dep.source.error(
                         ("environment",), f"environment {dep.environment!r} is invalid",

@@ -66,7 +66,8 @@ def place(
     previous: Mapping[Key, Mapping[int, str]] | None = None,
 ) -> PlacementResult:
     ordered = sorted(requests, key=lambda r: r.key)
-    by_name = {h.name: h for h in hosts}
+    location_of = {h.name: h.location.name for h in hosts}
+    host_bytes = {h.name: h.name.encode() for h in hosts}
     free = {h.name: _Free(h.capacity.cpus, h.capacity.memory) for h in hosts}
     result = PlacementResult()
     previous = previous or {}
@@ -85,26 +86,50 @@ def place(
     for req in ordered:
         placed = result.assignments[req.key]
         missing = [i for i in range(req.replicas) if i not in placed]
+        if not missing:
+            continue
+        per_location: dict[str, int] = {}
+        per_host: dict[str, int] = {}
+        for host in placed.values():
+            per_location[location_of[host]] = per_location.get(location_of[host], 0) + 1
+            per_host[host] = per_host.get(host, 0) + 1
+        cpus, memory = req.cpus, req.memory
         for index in missing:
-            candidates = [h for h in req.eligible if free[h].fits(req.cpus, req.memory)]
-            if not candidates:
+            # The fitting hosts of the least-used location, and among them the least-used hosts.
+            best_rank: tuple[int, int] | None = None
+            tied: list[str] = []
+            for h in req.eligible:
+                if not free[h].fits(cpus, memory):
+                    continue
+                rank = (per_location.get(location_of[h], 0), per_host.get(h, 0))
+                if best_rank is None or rank < best_rank:
+                    best_rank, tied = rank, [h]
+                elif rank == best_rank:
+                    tied.append(h)
+            if not tied:
                 result.unschedulable[req.key] = _why_unschedulable(req, len(missing), free)
                 break
-            per_location: dict[str, int] = {}
-            per_host: dict[str, int] = {}
-            for host in placed.values():
-                loc = by_name[host].location.name
-                per_location[loc] = per_location.get(loc, 0) + 1
-                per_host[host] = per_host.get(host, 0) + 1
-            best = min(candidates, key=lambda h: (
-                per_location.get(by_name[h].location.name, 0),
-                per_host.get(h, 0),
-                -_score(req.key, index, h),
-            ))
-            free[best].take(req.cpus, req.memory)
+            best = tied[0] if len(tied) == 1 else _highest_score(req.key, index, tied, host_bytes)
+            free[best].take(cpus, memory)
             placed[index] = best
+            per_location[location_of[best]] = per_location.get(location_of[best], 0) + 1
+            per_host[best] = per_host.get(best, 0) + 1
     result.free = {name: (f.cpus, f.memory) for name, f in free.items()}
     return result
+
+
+def _highest_score(key: Key, index: int, hosts: list[str], host_bytes: Mapping[str, bytes]) -> str:
+    """The host with the highest rendezvous score: the same as ``max(hosts, key=_score)``, with
+    the common prefix hashed once."""
+    prefix = hashlib.blake2b(f"{key[0]}\0{key[1]}\0{index}\0".encode(), digest_size=8)
+    best, best_score = hosts[0], -1
+    for host in hosts:
+        digest = prefix.copy()
+        digest.update(host_bytes[host])
+        score = int.from_bytes(digest.digest(), "big")
+        if score > best_score:
+            best, best_score = host, score
+    return best
 
 
 def _why_unschedulable(req: PlacementRequest, missing: int, free: Mapping[str, _Free]) -> str:

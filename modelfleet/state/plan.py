@@ -74,10 +74,12 @@ def diff(
         candidates = by_slot.pop(slot, [])
         keep = _best_match(want, candidates)
         leftovers.extend(c for c in candidates if c is not keep)
+        # A replace removes the old container once the new one is ready: only ours may be taken over.
+        ours = [c for c in candidates if owned is None or c.container_id in owned]
         if keep is None:
-            if candidates:
+            if ours:
                 # Something stands in this slot but with an old spec or on the wrong host.
-                old = _pick_old(want, candidates)
+                old = _pick_old(want, ours)
                 leftovers.remove(old)
                 reason = ("spec changed" if old.spec_hash != want.spec_hash
                           else f"moves from {old.host}")

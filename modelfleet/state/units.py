@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _MEMORY_UNITS = {
@@ -25,6 +26,8 @@ def parse_memory(value: object) -> int:
             raise ValueError("memory must not be negative")
         return value
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("memory must be a finite quantity such as 512Mi or 2Gi")
         if value < 0:
             raise ValueError("memory must not be negative")
         return int(value)
@@ -34,7 +37,10 @@ def parse_memory(value: object) -> int:
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _MEMORY_UNITS:
         raise ValueError(f"{value!r} is not a memory quantity (use e.g. 512Mi, 2Gi, 1G)")
-    return int(float(match.group(1)) * _MEMORY_UNITS[unit])
+    number = float(match.group(1)) * _MEMORY_UNITS[unit]
+    if not math.isfinite(number):  # e.g. 400 digits: int(inf) would raise OverflowError
+        raise ValueError(f"{value!r} is not a memory quantity: too large")
+    return int(number)
 
 
 def format_memory(num_bytes: int) -> str:

@@ -6,6 +6,7 @@ data plus a ``{path: line}`` index, where a path is a tuple of keys and list ind
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,34 +45,90 @@ class Document:
 _Base: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class _Loader(_Base):  # type: ignore[misc, valid-type]
+# Implicit tag of a plain scalar, by its text: it depends on nothing else (SafeLoader has no path
+# resolvers), and manifests repeat the same keys and words (``environment``, ``custom``...).
+# Resolving runs two regexes per scalar and was ~40 % of the time libyaml spent composing.
+_TAG_CACHE: dict[str, str] = {}
+_TAG_CACHE_MAX = 50_000
+_TAG_CACHE_MAX_LEN = 64
+
+
+class _Loader(_Base):
     """Safe loading; the libyaml parser when available (the pure-Python one is ~10× slower)."""
 
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode and implicit[0] and len(value) <= _TAG_CACHE_MAX_LEN:
+            tag = _TAG_CACHE.get(value)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                if len(_TAG_CACHE) >= _TAG_CACHE_MAX:
+                    _TAG_CACHE.clear()
+                _TAG_CACHE[value] = tag
+            return tag
+        return super().resolve(kind, value, implicit)
 
-def _scalar(loader: _Loader, node: yaml.ScalarNode) -> Any:
-    return loader.construct_object(node, deep=True)
+
+_STR_TAG = "tag:yaml.org,2002:str"
+# Nodes a document may expand to beyond one per character of its text. Without aliases a document
+# cannot have more nodes than characters; aliases (``*a``) are expanded, and nested ones grow
+# exponentially ("billion laughs"): past this budget the file is rejected instead of hanging.
+ALIAS_EXPANSION_BUDGET = 100_000
 
 
-def _walk(loader: _Loader, node: yaml.Node, path: Path, doc: Document) -> Any:
-    doc.lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)
-        result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = _scalar(loader, key_node) if isinstance(key_node, yaml.ScalarNode) else None
-            if not isinstance(key, str):
-                # Non-string keys cannot name a field; report them under a readable placeholder.
-                key = str(key) if key is not None else "<complex key>"
-            if key in result:
-                doc.duplicate_keys.append(((*path, key), key_node.start_mark.line + 1))
-            doc.lines[(*path, key)] = key_node.start_mark.line + 1
-            result[key] = _walk(loader, value_node, (*path, key), doc)
-            # The key line is the most useful place to point at for a scalar field.
-            doc.lines[(*path, key)] = key_node.start_mark.line + 1
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [_walk(loader, item, (*path, i), doc) for i, item in enumerate(node.value)]
-    return _scalar(loader, node)  # type: ignore[arg-type]
+class _Walker:
+    """Builds plain data and the line index of one document from its composed node tree."""
+
+    __slots__ = ("budget", "doc", "loader")
+
+    def __init__(self, loader: _Loader, doc: Document, budget: int) -> None:
+        self.loader = loader
+        self.doc = doc
+        self.budget = budget
+
+    def scalar(self, node: yaml.Node) -> Any:
+        if node.tag == _STR_TAG:  # by far the most common: no constructor needed
+            return node.value
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # PyYAML's own constructors raise IndexError, KeyError... on odd input
+            raise YamlSyntaxError(node.start_mark.line + 1,
+                                  f"invalid YAML: {node.value!r} is not a valid {node.tag}") from exc
+
+    def walk(self, node: yaml.Node, path: Path) -> Any:
+        """Data of ``node``; records the line of each child (the line of a mapping entry is its key's)."""
+        self.budget -= 1
+        if self.budget < 0:
+            raise YamlSyntaxError(node.start_mark.line + 1,
+                                  "invalid YAML: aliases expand to too many nodes")
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node)
+        lines = self.doc.lines
+        if isinstance(node, yaml.MappingNode):
+            self.loader.flatten_mapping(node)
+            result: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self.scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+                if not isinstance(key, str):
+                    # Non-string keys cannot name a field; report them under a readable placeholder.
+                    key = str(key) if key is not None else "<complex key>"
+                key = sys.intern(key)  # the same few field names, thousands of times
+                child = (*path, key)
+                line = key_node.start_mark.line + 1
+                if key in result:
+                    self.doc.duplicate_keys.append((child, line))
+                lines[child] = line
+                result[key] = self.walk(value_node, child)
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            items = []
+            for i, item in enumerate(node.value):
+                child = (*path, i)
+                lines[child] = item.start_mark.line + 1
+                items.append(self.walk(item, child))
+            return items
+        return None
 
 
 def parse_documents(text: str) -> Iterator[Document]:
@@ -86,7 +143,8 @@ def parse_documents(text: str) -> Iterator[Document]:
             if node is None:
                 continue
             doc = Document(data=None, start_line=node.start_mark.line + 1)
-            doc.data = _walk(loader, node, (), doc)
+            doc.lines[()] = doc.start_line
+            doc.data = _Walker(loader, doc, len(text) + ALIAS_EXPANSION_BUDGET).walk(node, ())
             yield doc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark

@@ -98,6 +98,16 @@ def spec_hash(runtime: ResolvedRuntime, origin: Mapping[str, object] | None) -> 
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class OriginFacts:
+    """Facts about HuggingFace origins, keyed by (model id, revision as written in the manifest)."""
+
+    commits: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    metadata: Mapping[tuple[str, str], Mapping[str, object]] = field(default_factory=dict)
+    errors: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    prefer_official: bool = False
+
+
 def resolved_origin(
     deployment: Deployment,
     artifact_digests: Mapping[str, str],
@@ -124,10 +134,16 @@ def compute_desired(
     previous: Mapping[Key, Mapping[int, str]] | None = None,
     demand: Mapping[Key, int] | None = None,
     hf_commits: Mapping[tuple[str, str], str] | None = None,
+    origin_facts: OriginFacts | None = None,
 ) -> DesiredState:
-    """Pure: catalog + pool (+ where replicas run now, + serverless demand) → desired replicas."""
+    """Pure: catalog + pool (+ where replicas run now, + serverless demand) → desired replicas.
+
+    ``hf_commits``/``origin_facts``: what the shell learnt about HuggingFace origins (the commit a
+    revision resolves to, the model's metadata, or why it could not be resolved).
+    """
+    facts = origin_facts or OriginFacts(commits=dict(hf_commits or {}))
     with gc_paused():  # an allocation burst without cycles, like loading (see gc_paused)
-        return _compute_desired(catalog, hosts, revision, down_hosts, previous, demand, hf_commits)
+        return _compute_desired(catalog, hosts, revision, down_hosts, previous, demand, facts)
 
 
 def _compute_desired(
@@ -137,18 +153,18 @@ def _compute_desired(
     down_hosts: frozenset[str],
     previous: Mapping[Key, Mapping[int, str]] | None,
     demand: Mapping[Key, int] | None,
-    hf_commits: Mapping[tuple[str, str], str] | None,
+    facts: OriginFacts,
 ) -> DesiredState:
     states: dict[Key, DeploymentState] = {}
     requests: list[PlacementRequest] = []
     frozen: set[Key] = set()
-    hf_commits = hf_commits or {}
+    hf_commits = facts.commits
     demand = demand or {}
     # Deployments with the same environment, policies, flavors and size see the same hosts:
     # evaluate the policies once per combination, not once per deployment and host.
     eligibility: dict[tuple[object, ...], tuple[list[str], dict[str, str]]] = {}
     for entry in catalog.deployments():
-        state = _resolve(entry, catalog, hosts, down_hosts, hf_commits, demand.get(entry.key, 0), eligibility)
+        state = _resolve(entry, catalog, hosts, down_hosts, facts, demand.get(entry.key, 0), eligibility)
         states[state.key] = state
         if state.frozen:
             frozen.add(state.key)
@@ -208,7 +224,7 @@ def _resolve(
     catalog: Catalog,
     hosts: Sequence[Host],
     down_hosts: frozenset[str],
-    hf_commits: Mapping[tuple[str, str], str],
+    facts: OriginFacts,
     demand: int = 0,
     eligibility: dict[tuple[object, ...], tuple[list[str], dict[str, str]]] | None = None,
 ) -> DeploymentState:
@@ -244,13 +260,17 @@ def _resolve(
         state.errors.append(entry.source.error(("origin", "file", "path"),
                                                f"file {origin.file.path!r} is not in the repository",
                                                "commit the .mar or upload it and use sha256"))
+    hf_commits = facts.commits
+    hf_commit, metadata = None, None
+    if origin is not None and origin.huggingface is not None:
+        hf_key = (origin.huggingface.model, origin.huggingface.revision)
+        hf_commit, metadata = hf_commits.get(hf_key), facts.metadata.get(hf_key)
+        if hf_key in facts.errors:
+            state.errors.append(entry.source.error(("origin", "huggingface"), facts.errors[hf_key],
+                                                   "check the model id, the revision and the daemon's HF token"))
     if state.errors:
         return state
-
-    hf_commit = None
-    if origin is not None and origin.huggingface is not None:
-        hf_commit = hf_commits.get((origin.huggingface.model, origin.huggingface.revision))
-    runtime = resolve_runtime(spec, hf_commit)
+    runtime = resolve_runtime(spec, hf_commit, metadata, facts.prefer_official)
     state.runtime = runtime
     state.serverless = spec.serverless is not None
     # Serverless under demand needs more than its standby slot: place what should run.

@@ -5,6 +5,7 @@ Pure: from the manifest (and, when known, facts about the model) to a ResolvedRu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from modelfleet.state.manifests import Deployment, Origin, ReadinessProbe, Runtime, RuntimeType
@@ -57,18 +58,53 @@ class ResolvedRuntime:
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
-def suggest_runtime(origin: Origin | None) -> tuple[RuntimeType, str]:
+EMBEDDING_TAGS = frozenset({"feature-extraction", "sentence-similarity"})
+GENERATION_TAGS = frozenset({"text-generation", "text2text-generation", "conversational"})
+DIFFUSION_TAGS = frozenset({"text-to-image", "image-to-image"})
+
+
+def suggest_runtime(
+    origin: Origin | None,
+    metadata: Mapping[str, object] | None = None,
+    prefer_official: bool = False,
+) -> tuple[RuntimeType, str]:
+    """The runtime for a manifest that names none, and why (shown by `plan`).
+
+    ``metadata``: what the Hub says about the model (pipeline_tag, library_name). The official TEI/TGI
+    images are suggested only when ``prefer_official`` (they must be reachable from the hosts);
+    otherwise our transformers runtime serves the same APIs.
+    """
     if origin is None:
         return "custom", "no origin"
     if origin.file is not None:
         return "torch", "origin is a model archive (.mar): TorchServe-compatible torch runtime"
+    meta = metadata or {}
+    tag, library = str(meta.get("pipeline_tag") or ""), str(meta.get("library_name") or "")
+    what = ", ".join(f"{k} {v}" for k, v in (("library_name", library), ("pipeline_tag", tag)) if v)
+    if library == "sentence-transformers" or tag in EMBEDDING_TAGS:
+        if prefer_official:
+            return "tei", f"embeddings model ({what}): text-embeddings-inference"
+        return "transformers", f"embeddings model ({what}): transformers runtime (TEI-compatible /embed)"
+    if tag in GENERATION_TAGS:
+        if prefer_official:
+            return "tgi", f"text-generation model ({what}): text-generation-inference"
+        return "transformers", f"text-generation model ({what}): transformers runtime (/generate, /v1/chat)"
+    if library == "diffusers" or tag in DIFFUSION_TAGS:
+        return "transformers", f"diffusers model ({what}): transformers runtime (diffusers pipeline)"
+    if what:
+        return "transformers", f"HuggingFace model ({what}): transformers runtime"
     return "transformers", "origin is a HuggingFace model: transformers runtime"
 
 
-def resolve_runtime(deployment: Deployment, hf_revision: str | None = None) -> ResolvedRuntime:
+def resolve_runtime(
+    deployment: Deployment,
+    hf_revision: str | None = None,
+    metadata: Mapping[str, object] | None = None,
+    prefer_official: bool = False,
+) -> ResolvedRuntime:
     runtime = deployment.runtime
     if runtime is None:
-        kind, reason = suggest_runtime(deployment.origin)
+        kind, reason = suggest_runtime(deployment.origin, metadata, prefer_official)
         runtime = Runtime(type=kind)
     else:
         kind, reason = runtime.type, "named in the manifest"

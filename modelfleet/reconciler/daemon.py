@@ -23,7 +23,7 @@ from modelfleet.reconciler.docker_pool import HostClient
 from modelfleet.reconciler.errors import ModelfleetError
 from modelfleet.reconciler.git_source import GitSource, redact
 from modelfleet.reconciler.observe import Observation, observe
-from modelfleet.reconciler.planning import PlanResult, make_plan
+from modelfleet.reconciler.planning import DesiredMemo, PlanResult, make_plan
 from modelfleet.reconciler.routes import Backend, RouteStore, route_key
 from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
 from modelfleet.reconciler.store import InventoryRow, Store
@@ -100,6 +100,7 @@ class Daemon:
         self._failed_rollouts: dict[str, str] = dict(self.store.fact("failed_rollouts", {}))
         self._consecutive_failures = 0
         self._catalog: tuple[str, Catalog] | None = None  # loaded manifests of the last commit
+        self._desired_memo = DesiredMemo()
         self.applier = Applier(self.clients, self.hosts, self.store, config.rollout, self.publish_routes,
                                drain_seconds=drain_seconds, stop_event=self.stop_event)
 
@@ -172,7 +173,7 @@ class Daemon:
         if self._catalog is None or self._catalog[0] != revision:
             self._catalog = (revision, load_tree(self.source.tree(revision)))
         plan = make_plan({}, list(self.hosts.values()), revision, observation.replicas, owned,
-                         observation.down_hosts, catalog=self._catalog[1])
+                         observation.down_hosts, catalog=self._catalog[1], memo=self._desired_memo)
         self._sweep_readiness(plan, observation)
         actions, deferred = self._defer_unsafe_removals(self._without_failed_rollouts(plan))
         if new_revision:
@@ -346,13 +347,26 @@ class Daemon:
     def _deployment_statuses(self, plan: PlanResult, report: ApplyReport,
                              revision: str) -> dict[Key, cond.DeploymentStatus]:
         inventory = self.store.inventory()
+        # Index once per pass: each deployment is then a few lookups, not a scan of everything.
+        running_wanted: dict[Key, int] = {}
+        for replica in plan.desired.replicas:
+            if replica.running:
+                running_wanted[replica.key] = running_wanted.get(replica.key, 0) + 1
+        ready_by_key: dict[tuple[str, str, str], list[InventoryRow]] = {}
+        present: set[Key] = set()
+        for row in inventory:
+            present.add((row.model, row.environment))
+            if row.ready and row.phase == "active" and row.host not in self._down_hosts:
+                ready_by_key.setdefault((row.model, row.environment, row.spec_hash), []).append(row)
+        failures_by_key: dict[Key, list[ActionOutcome]] = {}
+        for outcome in report.failed:
+            failures_by_key.setdefault((outcome.action.model, outcome.action.environment), []).append(outcome)
         result: dict[Key, cond.DeploymentStatus] = {}
         counts: dict[str, int] = {"success": 0, "pending": 0, "failure": 0, "error": 0}
         for key, state in sorted(plan.desired.deployments.items()):
-            desired_running = [r for r in plan.desired.replicas if r.key == key and r.running]
-            ready_rows = [r for r in inventory if (r.model, r.environment) == key and r.ready and r.phase == "active"
-                          and r.host not in self._down_hosts and r.spec_hash == state.spec_hash]
-            failures = [o for o in report.for_key(key) if not o.ok]
+            desired_running = running_wanted.get(key, 0)
+            ready_rows = ready_by_key.get((key[0], key[1], state.spec_hash or ""), [])
+            failures = failures_by_key.get(key, [])
             marker = f"{state.model}/{state.environment}@{state.spec_hash}"
             hosts = sorted({r.host for r in ready_rows})
             short = revision[:7]
@@ -361,7 +375,7 @@ class Daemon:
                 status, reason, message = "failure", cond.INVALID_MANIFEST, str(state.errors[0])
                 if len(state.errors) > 1:
                     message += f" (+{len(state.errors) - 1} more)"
-                if any(r.model == state.model and r.environment == state.environment for r in inventory):
+                if key in present:
                     message += "; the last good version keeps running"
             elif not state.enabled:
                 status, reason, message = "success", cond.DISABLED, "disabled: no replicas, endpoint answers 404"
@@ -371,23 +385,23 @@ class Daemon:
                 status, reason, message = "failure", cond.ROLLOUT_FAILED, self._failed_rollouts[marker]
             elif failures:
                 status, reason, message = "error", cond.HOST_ERROR, failures[0].error or "action failed"
-            elif state.unschedulable and len(ready_rows) < len(desired_running):
+            elif state.unschedulable and len(ready_rows) < desired_running:
                 status, reason, message = "failure", cond.UNSCHEDULABLE, f"unschedulable: {state.unschedulable}"
-            elif len(ready_rows) >= len(desired_running):
+            elif len(ready_rows) >= desired_running:
                 if desired_running:
                     status, reason = "success", cond.READY
-                    message = f"{len(ready_rows)}/{len(desired_running)} ready on {', '.join(hosts)} at {short}"
+                    message = f"{len(ready_rows)}/{desired_running} ready on {', '.join(hosts)} at {short}"
                 else:
                     status, reason, message = "success", cond.STANDBY, f"scaled to zero (standby) at {short}"
             else:
                 down = sorted(self._down_hosts)
                 why = f"; host(s) down: {', '.join(down)}" if down else ""
                 status, reason = "error", cond.HOST_ERROR
-                message = f"{len(ready_rows)}/{len(desired_running)} replicas ready{why}"
+                message = f"{len(ready_rows)}/{desired_running} replicas ready{why}"
             previous = self.status.deployments.get(key)
             result[key] = cond.DeploymentStatus(
                 state.model, state.environment, status, reason, message, hosts, len(ready_rows),
-                len(desired_running), revision,
+                desired_running, revision,
                 cond.conditions_for(status, reason, message, previous.conditions if previous else None))
             counts[status] += 1
         for name, value in counts.items():

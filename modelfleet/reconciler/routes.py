@@ -64,13 +64,17 @@ class RouteStore:
             "CREATE TABLE IF NOT EXISTS route_tables ("
             " version INTEGER PRIMARY KEY AUTOINCREMENT, published_at REAL NOT NULL, routes TEXT NOT NULL)"
         )
+        self._last: tuple[int, str] | None = None  # (version, json) this process last published
 
     def publish(self, routes: dict[str, tuple[Backend, ...]]) -> int:
         """Store a new table if it differs from the latest; returns the current version."""
         table = RouteTable(0, routes)
         text = table.to_json()
+        if self._last is not None and self._last[1] == text and self._last[0] == self.latest_version():
+            return self._last[0]  # unchanged, and nobody else published since: nothing to write
         latest = self.latest()
         if latest is not None and latest.to_json() == text:
+            self._last = (latest.version, text)
             return latest.version
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -83,6 +87,7 @@ class RouteStore:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        self._last = (version, text)
         return version
 
     def latest_version(self) -> int:

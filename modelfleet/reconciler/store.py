@@ -90,10 +90,13 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        # The inventory is read several times a pass and written rarely: cache it between writes.
+        self._inventory_cache: list[InventoryRow] | None = None
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            self._inventory_cache = None  # any write may change the inventory
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -151,11 +154,14 @@ class Store:
 
     def inventory(self) -> list[InventoryRow]:
         with self._lock:
+            if self._inventory_cache is not None:
+                return list(self._inventory_cache)
             rows = self._db.execute(
                 "SELECT host, name, container_id, model, environment, replica, spec_hash, revision, phase,"
                 " ready, url, probe_url FROM inventory ORDER BY host, name").fetchall()
-        return [InventoryRow(r[0], r[1], r[2], r[3], r[4], int(r[5]), r[6], r[7], r[8], bool(r[9]), r[10], r[11])
-                for r in rows]
+            self._inventory_cache = [InventoryRow(r[0], r[1], r[2], r[3], r[4], int(r[5]), r[6], r[7], r[8],
+                                                  bool(r[9]), r[10], r[11]) for r in rows]
+            return list(self._inventory_cache)
 
     # --- history --------------------------------------------------------------------------------
 

@@ -231,7 +231,7 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     for column in ("host", "health", "location", "flavors", "capacity", "replicas"):
         table.add_column(column)
     for h in data.get("hosts") or []:  # type: ignore[attr-defined]
-        health = "[green]up[/green]" if h["up"] else f"[red]down[/red] {h.get('error') or ''}"
+        health = "[green]up[/green]" if h["up"] else f"[red]{escape(h.get('state') or 'down')}[/red]"
         loc = h["location"]
         cap = h["capacity"]
         table.add_row(h["name"], health, f"{loc['name']} ({loc['country']}, {loc['continent']})",

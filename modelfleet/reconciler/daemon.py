@@ -28,6 +28,7 @@ from modelfleet.reconciler.routes import Backend, RouteStore, route_key
 from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
 from modelfleet.reconciler.store import InventoryRow, Store
 from modelfleet.reconciler.triggers import TriggerQueue
+from modelfleet.state.actual import ObservedReplica
 from modelfleet.state.loader import Catalog, load_tree
 from modelfleet.state.plan import Action
 
@@ -97,6 +98,7 @@ class Daemon:
         self._published: dict[str, dict[str, tuple[str, str]]] = {}  # revision -> context -> (state, desc)
         self._route_keys: set[str] = set(self.store.fact("route_keys", []))
         self._down_hosts: frozenset[str] = frozenset()
+        self._unreachable_since: dict[str, float] = {}
         self._failed_rollouts: dict[str, str] = dict(self.store.fact("failed_rollouts", {}))
         self._consecutive_failures = 0
         self._catalog: tuple[str, Catalog] | None = None  # loaded manifests of the last commit
@@ -165,17 +167,24 @@ class Daemon:
         self.store.set_fact("last_attempted_revision", revision)
         # 2. Observe the pool (one label-filtered list per host, in parallel).
         observation = observe(list(self.clients.values()))
-        self._down_hosts = observation.down_hosts
-        self._record_hosts(observation)
+        self._down_hosts = observation.down_hosts  # not routed to, whatever the grace
+        suspect = self._suspect_hosts(observation)
+        self._record_hosts(observation, suspect)
         owned = self._reconcile_inventory(observation)
         self.status.observed_once = True
+        # A host unreachable for less than docker.downAfter keeps its replicas (a blip must not
+        # reschedule everything); past that it is down and its replicas move.
+        actual = observation.replicas + self._assumed_replicas(suspect)
         # 3. Plan (pure): load manifests at the commit, desired state, diff.
         if self._catalog is None or self._catalog[0] != revision:
             self._catalog = (revision, load_tree(self.source.tree(revision)))
-        plan = make_plan({}, list(self.hosts.values()), revision, observation.replicas, owned,
-                         observation.down_hosts, catalog=self._catalog[1], memo=self._desired_memo)
+        plan = make_plan({}, list(self.hosts.values()), revision, actual, owned,
+                         observation.down_hosts - suspect, catalog=self._catalog[1], memo=self._desired_memo)
         self._sweep_readiness(plan, observation)
         actions, deferred = self._defer_unsafe_removals(self._without_failed_rollouts(plan))
+        on_suspects = [a for a in actions if a.host in suspect or (a.current and a.current.host in suspect)]
+        actions = [a for a in actions if a not in on_suspects]
+        deferred += len(on_suspects)
         if new_revision:
             self._publish_statuses(revision, self._pending_statuses(plan, actions))
         # 4. Route keys: enabled deployments are routable (404 for the rest).
@@ -207,12 +216,35 @@ class Daemon:
 
     # --- steps ----------------------------------------------------------------------------------
 
-    def _record_hosts(self, observation: Observation) -> None:
+    def _suspect_hosts(self, observation: Observation) -> frozenset[str]:
+        """Unreachable hosts still within their grace period (docker.downAfter)."""
+        now = time.monotonic()
+        for name in self.hosts:
+            if name in observation.down_hosts:
+                self._unreachable_since.setdefault(name, now)
+            else:
+                self._unreachable_since.pop(name, None)
+        grace = self.config.docker.down_after
+        return frozenset(h for h in observation.down_hosts if now - self._unreachable_since[h] < grace)
+
+    def _assumed_replicas(self, hosts: frozenset[str]) -> list[ObservedReplica]:
+        """What the inventory says runs on hosts we cannot see right now."""
+        return [ObservedReplica(r.host, r.container_id, r.name, r.model, r.environment, r.replica, r.spec_hash,
+                                r.revision, True)
+                for r in self.store.inventory() if r.host in hosts and r.container_id and r.phase == "active"]
+
+    def _record_hosts(self, observation: Observation, suspect: frozenset[str]) -> None:
         for name, host in self.hosts.items():
             down = name in observation.down_hosts
             self.metrics.hosts_up.labels(name).set(0 if down else 1)
+            if not down:
+                state = "up"
+            elif name in suspect:
+                state = f"unreachable (replicas move after {self.config.docker.down_after:g}s)"
+            else:
+                state = "down (replicas moved to other eligible hosts)"
             self.status.hosts[name] = {
-                "url": redact(host.url), "up": not down, "error": observation.errors.get(name),
+                "url": redact(host.url), "up": not down, "state": state, "error": observation.errors.get(name),
                 "location": host.location.model_dump(), "flavors": [f.name for f in host.flavors],
                 "capacity": {"cpus": host.capacity.cpus, "memory": host.capacity.memory},
                 "replicas": sum(1 for r in observation.replicas if r.host == name),

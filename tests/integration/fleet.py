@@ -195,7 +195,10 @@ class Fleet:
         """Managed containers on every reachable host: host name, container name, labels, state."""
         found = []
         for name, host in zip(self.host_names, self.hosts, strict=True):
-            client = host.client(timeout=5)
+            try:
+                client = host.client(timeout=2)
+            except Exception:
+                continue  # unreachable (partitioned): nothing to list there
             try:
                 for c in client.api.containers(all=True, filters={"label": "modelfleet.managed=true"}):
                     found.append({"host": name, "name": c["Names"][0].lstrip("/"), "labels": c["Labels"],

@@ -174,8 +174,14 @@ def test_host_down_is_reported_and_replicas_move(fleet: Fleet) -> None:
     host.partition()
     try:
         fleet.api("/api/v1/sync", method="POST")
-        fleet.wait(lambda: any(h["name"] == where and not h["up"] for h in fleet.status()["hosts"]), 30,
-                   "host reported down")
+        # First a grace period (docker.downAfter, 10 s): reported unreachable, nothing moves yet...
+        fleet.wait(lambda: any(h["name"] == where and "unreachable" in h["state"] for h in fleet.status()["hosts"]),
+                   30, "host reported unreachable")
+        assert fleet.deployment("dev", "development")["hosts"] in ([], [where])
+        assert not any(c["labels"]["modelfleet.model"] == "dev" for c in fleet.containers())  # only on `where`
+        # ...then down, and its replica moves to another eligible host.
+        fleet.wait(lambda: any(h["name"] == where and h["state"].startswith("down") for h in fleet.status()["hosts"]),
+                   40, "host reported down")
         moved = fleet.wait(lambda: (d := fleet.deployment("dev", "development")).get("state") == "success"
                            and d["hosts"] and d["hosts"][0] != where and d, 40, "replica moved")
         assert moved["hosts"][0] in fleet.host_names

@@ -1,0 +1,226 @@
+"""The runtime images on a real Docker host: built (or loaded from the cache), then run the way the
+reconciler runs them (docker_pool.HostClient: cap_drop ALL, no-new-privileges, init, CPU/memory
+limits, the model mounted read-only at /model), answering real requests.
+
+The image build is the expensive part: the rootfs, the wheelhouse and the built image (a
+``docker save`` tarball) are cached in ``$MODELFLEET_CACHE_DIR`` (default /var/cache/modelfleet),
+outside the repository, so later sessions only ``docker load`` it (~30 s) into their fresh host.
+Only the first test host gets the images: every test here runs on it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from modelfleet.reconciler.docker_pool import ContainerSpec, HostClient
+from modelfleet.runtimes import images
+from modelfleet.state.pool import Host
+from tests.integration.conftest import remove_managed_containers
+from tests.runtimes import hf_builder, mar_builder
+
+pytest.importorskip("torch", reason="runtime tests need the runtime extras (pip install -e '.[dev]')")
+
+READY_TIMEOUT = 180.0
+
+
+@pytest.fixture(scope="session")
+def runtime_host(docker_hosts: list[Any]) -> Iterator[Any]:
+    """The first test host, with the runtime images (built once, then loaded from the cache)."""
+    host = docker_hosts[0]
+    cache_dir = Path(os.environ.get("MODELFLEET_CACHE_DIR") or images.DEFAULT_CACHE_DIR)
+    report = images.build_runtime_images([host.docker_url], base_image="local", cache_dir=cache_dir, progress=False)
+    print("\n" + report.summary())
+    yield host
+
+
+@pytest.fixture
+def pool_client(runtime_host: Any) -> Iterator[HostClient]:
+    remove_managed_containers([runtime_host])
+    host = Host(name=runtime_host.name, url=runtime_host.docker_url,
+                location={"name": "test", "country": "FR", "continent": "EU"},  # type: ignore[arg-type]
+                flavors=[{"name": "cpu", "type": "cpu"}],  # type: ignore[list-item]
+                capacity={"cpus": 2, "memory": "4Gi"})  # type: ignore[arg-type]
+    client = HostClient(host, timeout=60)
+    yield client
+    client.close()
+    remove_managed_containers([runtime_host])
+
+
+@pytest.fixture
+def model_volume() -> Iterator[Path]:
+    """A host directory for the model (the test hosts share the machine's filesystem)."""
+    path = Path("/var/lib/modelfleet-test") / f"models-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def start(client: HostClient, image: str, model_dir: Path, env: dict[str, str] | None = None) -> tuple[str, int]:
+    spec = ContainerSpec(
+        name=f"mf-rt-{uuid.uuid4().hex[:8]}", image=image, command=None, environment=env or {},
+        labels={"modelfleet.managed": "true", "modelfleet.model": "runtime-test"}, port=8080,
+        cpus=1.0, memory=2 * 2**30, volumes={str(model_dir): {"bind": "/model", "mode": "ro"}},
+    )
+    info = client.create_and_start(spec)
+    return info.id, info.ports[8080]
+
+
+def wait_ready(url: str, client: HostClient, container_id: str, timeout: float = READY_TIMEOUT) -> float:
+    t0 = time.monotonic()
+    last: Any = None
+    while time.monotonic() - t0 < timeout:
+        try:
+            response = httpx.get(url, timeout=2.0)
+            if response.status_code == 200:
+                return time.monotonic() - t0
+            last = response.text
+        except httpx.TransportError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready in {timeout} s (last: {last}); logs: {client.logs_tail(container_id, 30)}")
+
+
+def inspect(runtime_host: Any, container_id: str) -> dict[str, Any]:
+    docker_client = runtime_host.client()
+    try:
+        return dict(docker_client.api.inspect_container(container_id))
+    finally:
+        docker_client.close()
+
+
+def exec_in(runtime_host: Any, container_id: str, cmd: list[str]) -> tuple[int, str]:
+    docker_client = runtime_host.client()
+    try:
+        result = docker_client.containers.get(container_id).exec_run(cmd)
+        return int(result.exit_code), result.output.decode(errors="replace")
+    finally:
+        docker_client.close()
+
+
+def test_images_are_unprivileged_and_labelled(runtime_host: Any) -> None:
+    docker_client = runtime_host.client()
+    try:
+        for kind, name in images.RUNTIME_IMAGES.items():
+            config = docker_client.api.inspect_image(name)["Config"]
+            assert config["User"] == images.RUNTIME_USER
+            assert config["Labels"][images.LABEL_RUNTIME] == kind
+            assert config["Labels"][images.LABEL_CONTENT_HASH]
+            assert config["Entrypoint"][-1] == images.ENTRY_MODULES[kind]
+            assert "8080/tcp" in config["ExposedPorts"]
+    finally:
+        docker_client.close()
+    # A second build is a no-op: same content hash already on the host.
+    report = images.build_runtime_images([runtime_host.docker_url], base_image="local", progress=False)
+    assert [h.action for h in report.hosts] == ["present"]
+
+
+def test_torch_runtime_serves_a_mar(runtime_host: Any, pool_client: HostClient, model_volume: Path) -> None:
+    mar = mar_builder.build_eager_mar(model_volume / "build")
+    shutil.copy(mar, model_volume / "tiny.mar")
+    shutil.rmtree(model_volume / "build")
+    container_id, port = start(pool_client, images.IMAGE_TORCH, model_volume)
+    url = runtime_host.url(port)
+    wait_ready(url + "ping", pool_client, container_id)
+    assert httpx.get(url + "ping").json() == {"status": "Healthy"}
+
+    x = [0.5, -1.0, 2.0, 0.25]
+    response = httpx.post(url + "predictions/tiny", json={"inputs": x}, timeout=30)
+    assert response.status_code == 200, response.text
+    import torch
+
+    with torch.no_grad():
+        expected = mar_builder.tiny_net()(torch.tensor([x])).tolist()[0]
+    assert response.json()["logits"] == pytest.approx(expected, abs=1e-5)
+    failed = httpx.post(url + "predictions/tiny", json="boom", timeout=30)
+    assert failed.status_code == 503 and failed.json()["type"] == "InternalServerException"
+    assert httpx.post(url + "predictions/other", json={}, timeout=30).status_code == 404
+    assert httpx.get(url + "ping").status_code == 200
+
+    # The container runs as the reconciler starts it: unprivileged, no capabilities, read-only model.
+    data = inspect(runtime_host, container_id)
+    assert data["Config"]["User"] == images.RUNTIME_USER
+    assert data["HostConfig"]["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in data["HostConfig"]["SecurityOpt"]
+    assert data["HostConfig"]["Memory"] == 2 * 2**30 and data["HostConfig"]["NanoCpus"] == 10**9
+    assert [m["RW"] for m in data["Mounts"] if m["Destination"] == "/model"] == [False]
+    code, out = exec_in(runtime_host, container_id, ["id", "-u"])
+    assert (code, out.strip()) == (0, "65534")
+    code, _ = exec_in(runtime_host, container_id, ["sh", "-c", "echo x > /model/written"])
+    assert code != 0
+    assert not (model_volume / "written").exists()
+
+
+def test_transformers_runtime_serves_minilm(runtime_host: Any, pool_client: HostClient, model_volume: Path) -> None:
+    model_dir = hf_builder.copy_minilm(model_volume / "minilm")
+    t0 = time.monotonic()
+    container_id, port = start(pool_client, images.IMAGE_TRANSFORMERS, model_dir,
+                               env={"MODEL_ID": "sentence-transformers/all-MiniLM-L6-v2"})
+    url = runtime_host.url(port)
+    wait_ready(url + "health", pool_client, container_id)
+    response = httpx.post(url + "v1/embeddings", json={"input": ["A man is eating food.", "hello"]}, timeout=60)
+    cold_start = time.monotonic() - t0
+    print(f"\nMiniLM cold start (create -> first embedding): {cold_start:.2f} s")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    from sentence_transformers import SentenceTransformer
+
+    expected = SentenceTransformer(str(hf_builder.minilm_dir()), device="cpu").encode(
+        ["A man is eating food.", "hello"], normalize_embeddings=True)
+    for got, want in zip(body["data"], expected, strict=True):
+        vector = got["embedding"]
+        dot = sum(a * float(b) for a, b in zip(vector, want, strict=True))
+        assert dot / math.sqrt(sum(a * a for a in vector)) == pytest.approx(1.0, abs=1e-5)
+    embed = httpx.post(url + "embed", json={"inputs": "hello"}, timeout=60)
+    assert embed.status_code == 200 and len(embed.json()[0]) == 384
+    info = httpx.get(url + "info").json()
+    assert info["task"] == "embeddings" and info["status"] == "ready"
+    data = inspect(runtime_host, container_id)
+    assert data["Config"]["User"] == images.RUNTIME_USER and data["HostConfig"]["CapDrop"] == ["ALL"]
+    # Offline inside: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE come with the image.
+    assert {"HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "MODEL_DIR=/model"} <= set(data["Config"]["Env"])
+
+
+def test_transformers_runtime_generates(runtime_host: Any, pool_client: HostClient, model_volume: Path) -> None:
+    model_dir = hf_builder.build_tiny_causal_lm(model_volume / "lm")
+    container_id, port = start(pool_client, images.IMAGE_TRANSFORMERS, model_dir)
+    url = runtime_host.url(port)
+    wait_ready(url + "health", pool_client, container_id)
+    response = httpx.post(url + "v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["role"] == "assistant"
+    assert httpx.post(url + "generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 3}},
+                      timeout=60).status_code == 200
+
+
+def test_a_broken_model_is_never_ready(runtime_host: Any, pool_client: HostClient, model_volume: Path) -> None:
+    mar = mar_builder.build_failing_mar(model_volume / "build")
+    shutil.copy(mar, model_volume / "broken.mar")
+    shutil.rmtree(model_volume / "build")
+    container_id, port = start(pool_client, images.IMAGE_TORCH, model_volume)
+    url = runtime_host.url(port)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url + "ping", timeout=2.0)
+            if response.json().get("phase") == "failed":
+                break
+            assert response.status_code != 200
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    assert response.status_code == 500
+    assert "weights are corrupt" in response.json()["message"]

@@ -164,11 +164,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from modelfleet.reconciler.gateway import run_gateway
+    from modelfleet.reconciler.gateway import GatewayError, run_gateway
 
     config = _load_config_or_exit(args.config)
     _setup_logging(args.verbose)
-    run_gateway(config)
+    try:
+        run_gateway(config)
+    except GatewayError as exc:
+        err.print(f"modelfleet gateway: {exc}", markup=False)
+        return EXIT_RUNTIME
     return EXIT_OK
 
 

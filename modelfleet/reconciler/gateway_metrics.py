@@ -39,9 +39,9 @@ class GatewayMetrics:
         self.route_table_published = Gauge(
             "modelfleet_gateway_route_table_published_timestamp_seconds",
             "When the route table being served was published (Unix time)", registry=self.registry)
-        self.route_table_errors = Counter(
-            "modelfleet_gateway_route_table_errors", "Failed reads of routes.db (the last table is kept)",
-            registry=self.registry)
+        self.route_table_read_failing = Gauge(
+            "modelfleet_gateway_route_table_read_failing",
+            "1 while routes.db is missing or unreadable (the last table read is kept)", registry=self.registry)
         self._requests: dict[tuple[str, str, int], Counter] = {}
         self._latency: dict[tuple[str, str], Histogram] = {}
 

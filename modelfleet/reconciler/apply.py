@@ -81,7 +81,7 @@ class Applier:
         hosts: Mapping[str, Host],
         store: Store,
         rollout: RolloutSettings,
-        publish_routes: Callable[[], None],
+        publish_routes: Callable[[], object],
         *,
         drain_seconds: float = 0.5,
         stop_event: threading.Event | None = None,

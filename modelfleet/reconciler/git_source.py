@@ -34,8 +34,8 @@ class GitTree(Mapping[str, bytes]):
 
     def __init__(self, repo: git.Repo, commit: str) -> None:
         self._commit = repo.commit(commit)
-        self._blobs = {item.path: item for item in self._commit.tree.traverse()
-                       if isinstance(item, git.Blob)}
+        self._blobs: dict[str, git.Blob] = {str(item.path): item for item in self._commit.tree.traverse()
+                                            if isinstance(item, git.Blob)}
 
     def __getitem__(self, key: str) -> bytes:
         blob = self._blobs[key]

@@ -135,7 +135,6 @@ def run_daemon(config: Config, config_path: str, *, once: bool = False) -> int:
                    daemon.triggers.fire)
     server = uvicorn.Server(uvicorn.Config(app, host=api_host, port=api_port, log_level="warning",
                                            access_log=False, lifespan="off"))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     api_thread = threading.Thread(target=server.run, name="modelfleet-api", daemon=True)
     api_thread.start()
 

@@ -118,7 +118,10 @@ def make_api(daemon: Daemon, api_token: str | None, webhook_secret: str | None,
             return denied()
         return HTMLResponse(render_dashboard(daemon.status.to_json()))
 
+    from modelfleet.reconciler.api_artifacts import artifact_routes
+
     return Starlette(routes=[
+        *artifact_routes(daemon.artifacts, api_token),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/api/v1/status", status),

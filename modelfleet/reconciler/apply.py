@@ -86,6 +86,7 @@ class Applier:
         drain_seconds: float = 0.5,
         stop_event: threading.Event | None = None,
         prepare_volumes: Callable[[HostClient, DesiredReplica], dict[str, dict[str, str]] | None] | None = None,
+        origin_env: Callable[[dict[str, object] | None], dict[str, str]] | None = None,
     ) -> None:
         self.clients = clients
         self.hosts = hosts
@@ -95,6 +96,7 @@ class Applier:
         self.drain_seconds = drain_seconds
         self.stop_event = stop_event or threading.Event()
         self.prepare_volumes = prepare_volumes
+        self.origin_env = origin_env
         self.prober = ReadinessProber()
         self._publish_lock = threading.Lock()
 
@@ -259,7 +261,9 @@ class Applier:
 
     def _container_spec(self, client: HostClient, want: DesiredReplica, name: str) -> ContainerSpec:
         runtime = want.runtime
-        env = dict(runtime.env)
+        # Where the model is (MODELFLEET_MODEL_DIR...), then the manifest's env on top.
+        env = dict(self.origin_env(want.origin)) if self.origin_env and want.origin else {}
+        env.update(runtime.env)
         env.setdefault("MODELFLEET_MODEL", want.model)
         env.setdefault("MODELFLEET_ENVIRONMENT", want.environment)
         volumes = self.prepare_volumes(client, want) if self.prepare_volumes else None

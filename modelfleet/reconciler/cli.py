@@ -245,6 +245,18 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A command whose module (and its heavier imports) loads only when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        command: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
+        return command(args)
+
+    return run
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "plan": cmd_plan,
@@ -252,6 +264,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "gateway": cmd_gateway,
     "status": cmd_status,
     "hosts": cmd_hosts,
+    "upload": _lazy("modelfleet.reconciler.cli_upload", "cmd_upload"),
 }
 
 
@@ -285,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="daemon config, to find the API address and token")
         p.add_argument("--api", help="API base URL (default: from --config, else http://127.0.0.1:8081)")
         p.add_argument("--json", action="store_true")
+
+    from modelfleet.reconciler.cli_upload import add_upload_parser
+
+    add_upload_parser(sub)
     return parser
 
 

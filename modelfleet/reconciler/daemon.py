@@ -18,11 +18,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from modelfleet.reconciler import conditions as cond
 from modelfleet.reconciler.apply import ActionOutcome, Applier, ApplyReport
+from modelfleet.reconciler.artifacts.huggingface import HuggingFaceResolver
+from modelfleet.reconciler.artifacts.shipping import ArtifactShipper, artifact_id
+from modelfleet.reconciler.artifacts.store import ArtifactStore
 from modelfleet.reconciler.config import Config
 from modelfleet.reconciler.docker_pool import HostClient
 from modelfleet.reconciler.errors import ModelfleetError
 from modelfleet.reconciler.git_source import GitSource, redact
 from modelfleet.reconciler.observe import Observation, observe
+from modelfleet.reconciler.origins import OriginResolver
 from modelfleet.reconciler.planning import DesiredMemo, PlanResult, make_plan
 from modelfleet.reconciler.routes import Backend, RouteStore, route_key
 from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
@@ -34,6 +38,13 @@ from modelfleet.state.plan import Action
 
 log = logging.getLogger("modelfleet.daemon")
 Key = tuple[str, str]
+
+
+def read_token_file(path: str | None) -> str | None:
+    """A secret from a file (whitespace stripped); never logged."""
+    if not path:
+        return None
+    return Path(path).read_text(encoding="utf-8").strip() or None
 
 
 class Metrics:
@@ -64,6 +75,7 @@ class DaemonStatus:
     hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     source_error: str | None = None
+    transfers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +88,7 @@ class DaemonStatus:
             "sourceError": self.source_error,
             "deployments": [d.to_json() for _, d in sorted(self.deployments.items())],
             "hosts": [dict(name=k, **v) for k, v in sorted(self.hosts.items())],
+            "transfers": self.transfers,
         }
 
 
@@ -101,10 +114,21 @@ class Daemon:
         self._unreachable_since: dict[str, float] = {}
         self._failed_rollouts: dict[str, str] = dict(self.store.fact("failed_rollouts", {}))
         self._consecutive_failures = 0
-        self._catalog: tuple[str, Catalog] | None = None  # loaded manifests of the last commit
+        # Loaded manifests of the last commit, and its repository model files that are not valid.
+        self._catalog: tuple[str, Catalog, dict[str, str]] | None = None
         self._desired_memo = DesiredMemo()
+        # Model origins: uploads and repository files in a content-addressed store, HuggingFace models
+        # resolved to a commit and downloaded into the daemon's cache, shipped to the hosts that need them.
+        self.artifacts = ArtifactStore(self.state_dir)
+        hf = config.integrations.huggingface
+        self.hf = HuggingFaceResolver(self.state_dir / "huggingface", token=read_token_file(hf.token_file),
+                                      endpoint=hf.endpoint)
+        self.origins = OriginResolver(self.hf, self.artifacts, ttl=max(5.0, config.repo.poll_interval))
+        self.transfers: dict[str, dict[str, Any]] = {}  # "host artifact" -> progress, for status
+        self.shipper = ArtifactShipper(self.artifacts, self.hf, on_progress=self._on_transfer)
         self.applier = Applier(self.clients, self.hosts, self.store, config.rollout, self.publish_routes,
-                               drain_seconds=drain_seconds, stop_event=self.stop_event)
+                               drain_seconds=drain_seconds, stop_event=self.stop_event,
+                               prepare_volumes=self.shipper.prepare_volumes, origin_env=self.shipper.container_env)
 
     def close(self) -> None:
         self.applier.close()
@@ -177,9 +201,14 @@ class Daemon:
         actual = observation.replicas + self._assumed_replicas(suspect)
         # 3. Plan (pure): load manifests at the commit, desired state, diff.
         if self._catalog is None or self._catalog[0] != revision:
-            self._catalog = (revision, load_tree(self.source.tree(revision)))
+            tree = self.source.tree(revision)
+            catalog = load_tree(tree)
+            self._catalog = (revision, catalog, self.origins.ingest_repository_files(catalog, tree))
+        catalog, file_errors = self._catalog[1], self._catalog[2]
+        facts = self.origins.facts(catalog, file_errors)
         plan = make_plan({}, list(self.hosts.values()), revision, actual, owned,
-                         observation.down_hosts - suspect, catalog=self._catalog[1], memo=self._desired_memo)
+                         observation.down_hosts - suspect, catalog=catalog, memo=self._desired_memo,
+                         origin_facts=facts)
         self._sweep_readiness(plan, observation)
         actions, deferred = self._defer_unsafe_removals(self._without_failed_rollouts(plan))
         on_suspects = [a for a in actions if a.host in suspect or (a.current and a.current.host in suspect)]
@@ -193,6 +222,8 @@ class Daemon:
         # 5. Apply.
         report = self.applier.apply(pass_id, actions, self._count_outcome) if actions else ApplyReport()
         self._record_failed_rollouts(report)
+        if actions and not report.failed:
+            self._collect_artifacts(plan, observation)
         # 6. Routes and statuses from what is now true.
         self._sweep_readiness(plan, observation)
         self.publish_routes()
@@ -215,6 +246,29 @@ class Daemon:
         }
 
     # --- steps ----------------------------------------------------------------------------------
+
+    def _on_transfer(self, host: str, artifact: str, sent: int, total: int) -> None:
+        self.transfers[f"{host} {artifact}"] = {"host": host, "artifact": artifact, "sent": sent, "total": total,
+                                                "done": sent >= total, "at": time.time()}
+        recent = sorted(self.transfers.values(), key=lambda t: t["at"], reverse=True)[:20]
+        self.status.transfers = recent
+
+    def _collect_artifacts(self, plan: PlanResult, observation: Observation) -> None:
+        """Remove model volumes no deployment on that host uses any more (after a clean apply)."""
+        keep: dict[str, set[str]] = {name: set() for name in self.hosts}
+        for replica in plan.desired.replicas:
+            if replica.origin:
+                keep[replica.host].add(artifact_id(replica.origin))
+        for name, client in self.clients.items():
+            if name in observation.down_hosts:
+                continue
+            try:
+                removed = self.shipper.gc(client, keep[name])
+            except ModelfleetError as exc:
+                log.warning("artifact cleanup on %s failed: %s", name, exc)
+                continue
+            for volume in removed:
+                log.info("removed unused model volume %s from %s", volume, name)
 
     def _suspect_hosts(self, observation: Observation) -> frozenset[str]:
         """Unreachable hosts still within their grace period (docker.downAfter)."""

@@ -108,6 +108,7 @@ class DesiredMemo:
             frozenset((k, frozenset(v.items())) for k, v in previous.items()),
             frozenset((demand or {}).items()),
             frozenset(facts.commits.items()), frozenset(facts.errors.items()), facts.prefer_official,
+            frozenset(facts.file_errors.items()),
             frozenset((k, tuple(sorted((str(a), str(b)) for a, b in v.items()))) for k, v in facts.metadata.items()),
         )
 

@@ -106,6 +106,8 @@ class OriginFacts:
     metadata: Mapping[tuple[str, str], Mapping[str, object]] = field(default_factory=dict)
     errors: Mapping[tuple[str, str], str] = field(default_factory=dict)
     prefer_official: bool = False
+    # Models committed in the repository (origin.file.path) that are not valid archives: path -> why.
+    file_errors: Mapping[str, str] = field(default_factory=dict)
 
 
 def resolved_origin(
@@ -268,6 +270,14 @@ def _resolve(
         if hf_key in facts.errors:
             state.errors.append(entry.source.error(("origin", "huggingface"), facts.errors[hf_key],
                                                    "check the model id, the revision and the daemon's HF token"))
+    if origin is not None and origin.file is not None:
+        if origin.file.path is not None and origin.file.path in facts.file_errors:
+            state.errors.append(entry.source.error(("origin", "file", "path"), facts.file_errors[origin.file.path],
+                                                   "commit a valid .mar (torch-model-archiver) or upload one"))
+        digest_key = f"sha256:{origin.file.digest}"
+        if origin.file.digest is not None and digest_key in facts.file_errors:
+            state.errors.append(entry.source.error(("origin", "file", "sha256"), facts.file_errors[digest_key],
+                                                   "upload it with `modelfleet upload FILE.mar`"))
     if state.errors:
         return state
     runtime = resolve_runtime(spec, hf_commit, metadata, facts.prefer_official)

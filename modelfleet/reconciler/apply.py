@@ -263,6 +263,8 @@ class Applier:
         runtime = want.runtime
         # Where the model is (MODELFLEET_MODEL_DIR...), then the manifest's env on top.
         env = dict(self.origin_env(want.origin)) if self.origin_env and want.origin else {}
+        if runtime.type in ("torch", "transformers"):
+            env["PORT"] = str(runtime.port)  # our runtimes listen where the manifest says
         env.update(runtime.env)
         env.setdefault("MODELFLEET_MODEL", want.model)
         env.setdefault("MODELFLEET_ENVIRONMENT", want.environment)

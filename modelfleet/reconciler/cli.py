@@ -265,6 +265,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "hosts": cmd_hosts,
     "upload": _lazy("modelfleet.reconciler.cli_upload", "cmd_upload"),
+    "runtimes": _lazy("modelfleet.reconciler.cli_runtimes", "cmd_runtimes"),
 }
 
 
@@ -299,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--api", help="API base URL (default: from --config, else http://127.0.0.1:8081)")
         p.add_argument("--json", action="store_true")
 
+    from modelfleet.reconciler.cli_runtimes import add_runtimes_parser
     from modelfleet.reconciler.cli_upload import add_upload_parser
 
     add_upload_parser(sub)
+    add_runtimes_parser(sub)
     return parser
 
 

@@ -47,9 +47,9 @@ def runtime_host(docker_hosts: list[Any]) -> Iterator[Any]:
 def pool_client(runtime_host: Any) -> Iterator[HostClient]:
     remove_managed_containers([runtime_host])
     host = Host(name=runtime_host.name, url=runtime_host.docker_url,
-                location={"name": "test", "country": "FR", "continent": "EU"},  # type: ignore[arg-type]
-                flavors=[{"name": "cpu", "type": "cpu"}],  # type: ignore[list-item]
-                capacity={"cpus": 2, "memory": "4Gi"})  # type: ignore[arg-type]
+                location={"name": "test", "country": "FR", "continent": "EU"},
+                flavors=[{"name": "cpu", "type": "cpu"}],
+                capacity={"cpus": 2, "memory": "4Gi"})
     client = HostClient(host, timeout=60)
     yield client
     client.close()
@@ -86,10 +86,13 @@ def wait_ready(url: str, client: HostClient, container_id: str, timeout: float =
             if response.status_code == 200:
                 return time.monotonic() - t0
             last = response.text
+            if '"failed"' in last:  # the runtime says why it will never be ready
+                break
         except httpx.TransportError as exc:
             last = exc
         time.sleep(0.1)
-    raise AssertionError(f"{url} not ready in {timeout} s (last: {last}); logs: {client.logs_tail(container_id, 30)}")
+    logs = client.logs_tail(container_id, 30)
+    raise AssertionError(f"{url} not ready (after {time.monotonic() - t0:.0f} s; last: {last}); logs: {logs}")
 
 
 def inspect(runtime_host: Any, container_id: str) -> dict[str, Any]:
@@ -210,7 +213,7 @@ def test_a_broken_model_is_never_ready(runtime_host: Any, pool_client: HostClien
     mar = mar_builder.build_failing_mar(model_volume / "build")
     shutil.copy(mar, model_volume / "broken.mar")
     shutil.rmtree(model_volume / "build")
-    container_id, port = start(pool_client, images.IMAGE_TORCH, model_volume)
+    _container_id, port = start(pool_client, images.IMAGE_TORCH, model_volume)
     url = runtime_host.url(port)
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
@@ -224,3 +227,13 @@ def test_a_broken_model_is_never_ready(runtime_host: Any, pool_client: HostClien
         time.sleep(0.2)
     assert response.status_code == 500
     assert "weights are corrupt" in response.json()["message"]
+
+
+def test_unreadable_model_files_are_named(runtime_host: Any, pool_client: HostClient, model_volume: Path) -> None:
+    """Weights written 0600 by root (save_pretrained does that) cannot be read by uid 65534: said clearly."""
+    model_dir = hf_builder.build_tiny_causal_lm(model_volume / "lm")
+    (model_dir / "model.safetensors").chmod(0o600)
+    container_id, port = start(pool_client, images.IMAGE_TRANSFORMERS, model_dir)
+    url = runtime_host.url(port)
+    with pytest.raises(AssertionError, match=r"not readable by uid 65534.*model\.safetensors"):
+        wait_ready(url + "health", pool_client, container_id, timeout=120)

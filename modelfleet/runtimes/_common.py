@@ -1,0 +1,288 @@
+"""Pieces shared by the runtime servers: settings from the environment, readiness, the model thread.
+
+Imports only the standard library, starlette and uvicorn (the servers import torch themselves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from starlette.responses import Response
+
+T = TypeVar("T")
+
+log = logging.getLogger("modelfleet.runtime")
+
+# Environment variables every runtime understands (documented in README/DESIGN).
+ENV_MODEL_DIR = "MODEL_DIR"  # where the model is mounted (read-only); default /model
+ENV_PORT = "PORT"  # listen port; default 8080
+ENV_HOST = "HOST"  # listen address; default 0.0.0.0
+ENV_WARMUP = "MODELFLEET_WARMUP"  # "0" skips the warm-up call (readiness = loaded)
+ENV_QUEUE_SIZE = "MODELFLEET_QUEUE_SIZE"  # requests waiting for the model before 503; default 100
+ENV_STUCK_SECONDS = "MODELFLEET_STUCK_SECONDS"  # one call running longer -> not ready; default 600
+ENV_LOG_LEVEL = "MODELFLEET_LOG_LEVEL"  # default info
+DEFAULT_MODEL_DIR = "/model"
+DEFAULT_PORT = 8080
+
+
+def env_str(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r}: not an integer") from None
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r}: not a number") from None
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    return raw not in ("0", "false", "no", "off")
+
+
+def model_dir_from_env() -> Path:
+    return Path(env_str(ENV_MODEL_DIR, DEFAULT_MODEL_DIR))
+
+
+def check_readable(path: Path, limit: int = 10_000) -> None:
+    """Fail with a clear message when model files cannot be read by this process.
+
+    Libraries report an unreadable file confusingly (transformers says "No such file"); the
+    runtime runs as uid 65534, so files written 0600 by root (transformers' save_pretrained does
+    that for weights) must be made readable (``chmod -R a+rX``) before they are mounted.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (is the model mounted?)")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise PermissionError(f"{path} is not readable by uid {os.getuid()}: make it readable (chmod -R a+rX)")
+    if not path.is_dir():
+        return
+    unreadable: list[str] = []
+    for count, (root, dirs, files) in enumerate(os.walk(path)):
+        if count > limit:
+            break
+        for name in dirs:
+            if not os.access(os.path.join(root, name), os.R_OK | os.X_OK):
+                unreadable.append(os.path.relpath(os.path.join(root, name), path) + "/")
+        for name in files:
+            full = os.path.join(root, name)
+            if os.path.exists(full) and not os.access(full, os.R_OK):
+                unreadable.append(os.path.relpath(full, path))
+    if unreadable:
+        shown = ", ".join(sorted(unreadable)[:5]) + (" ..." if len(unreadable) > 5 else "")
+        raise PermissionError(f"model files not readable by uid {os.getuid()} in {path}: {shown} "
+                              f"(make them readable: chmod -R a+rX)")
+
+
+def setup_logging() -> None:
+    level = env_str(ENV_LOG_LEVEL, "info").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def set_offline() -> None:
+    """Never reach a hub: models come from the mounted directory only."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def cgroup_cpu_limit() -> float | None:
+    """The container's CPU quota in CPUs (cgroup v2 ``cpu.max`` or v1 CFS), None when unlimited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if quota_us > 0 and period_us > 0:
+            return quota_us / period_us
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def compute_threads() -> int:
+    """Threads for the math library: the CPU quota (not the host's cores: that oversubscribes)."""
+    explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        available = min(available, max(1, math.ceil(limit)))
+    return max(1, available)
+
+
+def configure_torch_threads() -> int:
+    import torch
+
+    threads = compute_threads()
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel region
+        torch.set_num_interop_threads(1)
+    return threads
+
+
+class Phase(enum.Enum):
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class Readiness:
+    """Whether the model answers. READY only after it loaded AND answered a warm-up call."""
+
+    phase: Phase = Phase.LOADING
+    message: str = "loading the model"
+    since: float = field(default_factory=time.monotonic)
+    load_seconds: float | None = None
+
+    def set(self, phase: Phase, message: str) -> None:
+        self.phase, self.message, self.since = phase, message, time.monotonic()
+
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.READY
+
+
+class QueueFull(Exception):
+    """More requests wait for the model than the queue allows."""
+
+
+class ModelThread:
+    """One thread runs every model call, in order (handlers are not thread-safe; TorchServe runs
+    one worker per model). The event loop only awaits, so /ping and the health endpoints answer
+    while a long inference runs. Bounded: beyond ``queue_size`` waiting calls, QueueFull.
+    """
+
+    def __init__(self, queue_size: int = 100, stuck_seconds: float = 600.0) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._running_since: float | None = None
+        self.queue_size = queue_size
+        self.stuck_seconds = stuck_seconds
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def stuck(self) -> bool:
+        """A call has been running longer than ``stuck_seconds`` (0 disables the check)."""
+        since = self._running_since
+        return self.stuck_seconds > 0 and since is not None and time.monotonic() - since > self.stuck_seconds
+
+    def _wrap(self, fn: Callable[[], T]) -> Callable[[], T]:
+        def run() -> T:
+            self._running_since = time.monotonic()
+            try:
+                return fn()
+            finally:
+                self._running_since = None
+                with self._lock:
+                    self._pending -= 1
+
+        return run
+
+    async def run(self, fn: Callable[[], T], *, bypass_limit: bool = False) -> T:
+        with self._lock:
+            if not bypass_limit and self._pending >= self.queue_size:
+                raise QueueFull(f"{self._pending} requests are waiting for the model")
+            self._pending += 1
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(self._executor, self._wrap(fn))
+        except BaseException:
+            with self._lock:
+                self._pending -= 1
+            raise
+        return await future
+
+    def submit(self, fn: Callable[[], T]) -> None:
+        """Run ``fn`` on the model thread without waiting (loading at startup)."""
+        with self._lock:
+            self._pending += 1
+        self._executor.submit(self._wrap(fn))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def json_response(payload: Any, status: int = 200, indent: int | None = None,
+                  headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(payload, indent=indent, ensure_ascii=False, allow_nan=False, default=_json_default)
+    return Response(body.encode("utf-8"), status_code=status, media_type="application/json", headers=headers)
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars/arrays and torch tensors that a handler left in its output.
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def run_server(app: Any, name: str) -> None:
+    """Serve ``app`` with uvicorn on HOST:PORT: one process, one event loop."""
+    import uvicorn
+
+    host = env_str(ENV_HOST, "0.0.0.0")
+    port = env_int(ENV_PORT, DEFAULT_PORT)
+    log.info("%s listening on %s:%d", name, host, port)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        workers=1,
+        log_config=None,  # keep our logging setup
+        access_log=env_bool("MODELFLEET_ACCESS_LOG", False),
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=30,
+    )
+    uvicorn.Server(config).run()

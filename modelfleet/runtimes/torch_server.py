@@ -1,0 +1,715 @@
+"""TorchServe-compatible inference server for ``.mar`` model archives (the ``torch`` runtime).
+
+Run inside the runtime image as ``python -m modelfleet.runtimes.torch_server``. It serves the
+TorchServe inference API on one port (default 8080) without TorchServe's Java frontend:
+
+    GET  /ping                                -> 200 {"status": "Healthy"} once the model answers
+                                                 500 {"status": "Unhealthy", "message": ...} before
+    POST /predictions/<model>[/<version>]     -> the handler's per-request output
+    POST /explanations/<model>[/<version>]    -> same, with the "explain" request header set
+    GET  /models                              -> the model this server holds
+
+The archive is found under ``MODEL_DIR`` (default ``/model``, mounted read-only): a single
+``*.mar`` there (or ``MODEL_FILE`` names it; ``MODEL_DIR`` may also be the archive itself or an
+already extracted archive). It is extracted into a writable temporary directory
+(``MODELFLEET_WORK_DIR``, default the system temp dir), ``MAR-INF/MANIFEST.json`` is read, and the
+handler is loaded with TorchServe's own contract, reusing the ``ts`` package of the PyPI
+``torchserve`` wheel: a custom handler module from the archive (a class with
+``initialize(context)``/``handle(data, context)``, or a module-level ``handle(data, context)``
+function, or ``module:function``) or one of TorchServe's default handlers by name
+(``image_classifier``, ``text_classifier``, ...), with a ``ts.context.Context`` built as the
+TorchServe worker builds it (model_dir, manifest, gpu_id None, batch size 1, the model's
+``configFile`` YAML, the metrics cache).
+
+Request data reaches the handler as TorchServe's frontend passes it: one dict per request with
+the query parameters (as bytes), then either ``"body"`` (a JSON body parsed, ``text/*`` as str,
+anything else as bytes) or one entry per multipart/form field (file parts decoded by their
+content type, plain fields as bytes). Output items: bytes as is, str as UTF-8 text, a tensor
+``torch.save``d, anything else as JSON (indent 2, as TorchServe). Errors are
+``{"code", "type", "message"}``: unknown model 404 ``ModelNotFoundException``, unknown version 404
+``ModelVersionNotFoundException``, a handler exception 503 ``InternalServerException``
+"Prediction failed" (the server stays up), a ``PredictionException`` its own code.
+
+Readiness: ``/ping`` says Healthy only when the handler loaded AND answered a warm-up call. The
+warm-up input is ``MODELFLEET_WARMUP_FILE`` (a path, relative ones inside the extracted archive;
+default ``warmup.json`` when the archive carries one, added with ``--extra-files``), or
+``MODELFLEET_WARMUP_BODY`` (+ ``MODELFLEET_WARMUP_CONTENT_TYPE``, default application/json):
+then the handler must return a valid answer. Without a sample the warm-up sends an empty body:
+the handler must run to completion or raise an ordinary exception (a crash, a hang beyond
+``MODELFLEET_WARMUP_TIMEOUT`` seconds or a load failure keep the runtime unready).
+``MODELFLEET_WARMUP=0`` skips the call. Not implemented: server-side batching (the context says
+batch size 1; each request is one handler call), streaming responses
+(``send_intermediate_predict_response``), the management API (port 8081) and gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import io
+import json
+import logging
+import mimetypes
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from modelfleet.runtimes import RUNTIME_VERSION
+from modelfleet.runtimes._common import (
+    ENV_QUEUE_SIZE,
+    ENV_STUCK_SECONDS,
+    ENV_WARMUP,
+    ModelThread,
+    Phase,
+    QueueFull,
+    Readiness,
+    check_readable,
+    configure_torch_threads,
+    env_bool,
+    env_float,
+    env_int,
+    env_str,
+    json_response,
+    model_dir_from_env,
+    run_server,
+    setup_logging,
+)
+
+log = logging.getLogger("modelfleet.runtime.torch")
+
+ENV_MODEL_FILE = "MODEL_FILE"
+ENV_MODEL_NAME = "MODEL_NAME"
+ENV_WORK_DIR = "MODELFLEET_WORK_DIR"
+ENV_WARMUP_FILE = "MODELFLEET_WARMUP_FILE"
+ENV_WARMUP_BODY = "MODELFLEET_WARMUP_BODY"
+ENV_WARMUP_CONTENT_TYPE = "MODELFLEET_WARMUP_CONTENT_TYPE"
+ENV_WARMUP_TIMEOUT = "MODELFLEET_WARMUP_TIMEOUT"
+ENV_MAX_REQUEST_SIZE = "TS_MAX_REQUEST_SIZE"  # TorchServe's setting name and default (6.25 MiB)
+DEFAULT_MAX_REQUEST_SIZE = 6553500
+DEFAULT_WARMUP_FILE = "warmup.json"
+MANIFEST_PATH = "MAR-INF/MANIFEST.json"
+
+
+class ArchiveError(Exception):
+    """The model archive cannot be found, extracted or read."""
+
+
+class HandlerLoadError(Exception):
+    """The handler could not be imported or initialized."""
+
+
+# --------------------------------------------------------------------------- archive
+
+
+def find_archive(model_dir: Path, model_file: str | None = None) -> Path:
+    """The archive to serve: a ``.mar`` file, or a directory holding an extracted archive."""
+    if model_file:
+        path = Path(model_file)
+        path = path if path.is_absolute() else model_dir / path
+        if not path.exists():
+            raise ArchiveError(f"{ENV_MODEL_FILE}={model_file}: {path} does not exist")
+        return path
+    if model_dir.is_file():
+        return model_dir
+    if not model_dir.is_dir():
+        raise ArchiveError(f"model directory {model_dir} does not exist (is the model mounted?)")
+    if (model_dir / MANIFEST_PATH).is_file():
+        return model_dir
+    archives = sorted(p for p in model_dir.iterdir() if p.suffix == ".mar" and p.is_file())
+    if not archives:  # tolerate one level of nesting (a volume holding <sha>/<name>.mar)
+        archives = sorted(p for p in model_dir.glob("*/*.mar") if p.is_file())
+    if len(archives) == 1:
+        return archives[0]
+    if not archives:
+        found = ", ".join(sorted(p.name for p in model_dir.iterdir())[:10]) or "nothing"
+        raise ArchiveError(f"no *.mar archive in {model_dir} (found: {found})")
+    names = ", ".join(str(p.relative_to(model_dir)) for p in archives)
+    raise ArchiveError(f"several archives in {model_dir} ({names}): set {ENV_MODEL_FILE} to one of them")
+
+
+def _safe_target(root: Path, member: str) -> Path:
+    target = (root / member).resolve()
+    if target != root and root not in target.parents:
+        raise ArchiveError(f"archive member {member!r} points outside the extraction directory")
+    return target
+
+
+def extract_archive(archive: Path, work_root: Path) -> Path:
+    """Extract ``archive`` (zip, as torch-model-archiver writes it, or tar/tgz) below ``work_root``.
+
+    Streams member by member (archives can be several GB); returns the directory that holds
+    ``MAR-INF/MANIFEST.json``. An already extracted directory is used in place.
+    """
+    if archive.is_dir():
+        return archive
+    work_root.mkdir(parents=True, exist_ok=True)
+    remove_stale_extractions(work_root)
+    dest = Path(tempfile.mkdtemp(prefix="mar-", dir=work_root)).resolve()
+    (dest / OWNER_FILE).write_text(_owner())
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                target = _safe_target(dest, info.filename)
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 4 * 2**20)
+                mode = (info.external_attr >> 16) & 0o777
+                if mode:
+                    target.chmod(mode | 0o600)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            for member in tf:
+                _safe_target(dest, member.name)
+                if member.issym() or member.islnk():
+                    _safe_target(dest, os.path.join(os.path.dirname(member.name), member.linkname))
+            tf.extractall(dest, filter="data")
+    else:
+        raise ArchiveError(f"{archive}: neither a zip (.mar) nor a tar archive")
+    if (dest / MANIFEST_PATH).is_file():
+        return dest
+    # tgz archives from torch-model-archiver hold one top-level directory.
+    subdirs = [p for p in dest.iterdir() if p.is_dir() and (p / MANIFEST_PATH).is_file()]
+    if len(subdirs) == 1:
+        return subdirs[0]
+    raise ArchiveError(f"{archive}: no {MANIFEST_PATH} in the archive")
+
+
+OWNER_FILE = ".modelfleet-owner"
+
+
+def _owner() -> str:
+    return f"{os.uname().nodename}\n{os.getpid()}\n"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_extractions(work_root: Path) -> None:
+    """Remove what earlier runs extracted on this host whose process is gone: a restarted
+    container would otherwise pile up copies of a multi-GB archive in its writable layer. The
+    directories of live servers (several may share a work root outside containers) stay."""
+    host = os.uname().nodename
+    for path in work_root.glob("mar-*"):
+        try:
+            owner_host, owner_pid = (path / OWNER_FILE).read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if owner_host == host and (int(owner_pid) == os.getpid() or not _alive(int(owner_pid))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((model_dir / MANIFEST_PATH).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArchiveError(f"cannot read {MANIFEST_PATH}: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), dict):
+        raise ArchiveError(f"{MANIFEST_PATH} has no \"model\" object")
+    if manifest["model"].get("handler") in (None, ""):
+        raise ArchiveError(f"{MANIFEST_PATH}: model.handler is missing")
+    return manifest
+
+
+# --------------------------------------------------------------------------- handler
+
+
+def _import_handler_module(handler: str, model_dir: Path) -> tuple[Any, str | None]:
+    """Import the handler like TorchServe's TsModelLoader: ``file.py[:function]`` from the
+    archive, else a default handler of ``ts.torch_handler`` by name."""
+    module_part, _, function_name = handler.partition(":")
+    module_name = module_part[:-3] if module_part.endswith(".py") else module_part
+    module_name = module_name.split("/")[-1]
+    in_archive = (model_dir / f"{module_name}.py").is_file() or (model_dir / module_name).is_dir()
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if in_archive:  # the custom handler exists but fails to import: say why, do not mask it
+            raise HandlerLoadError(f"handler {handler!r} from the archive fails to import: {exc}") from exc
+        try:
+            module = importlib.import_module(f".{module_name}", "ts.torch_handler")
+        except ImportError as exc2:
+            raise HandlerLoadError(
+                f"handler {handler!r}: not in the archive and not a TorchServe default handler ({exc2})"
+            ) from exc2
+    return module, function_name or None
+
+
+def load_handler(model_name: str, model_dir: Path, manifest: dict[str, Any],
+                 batch_size: int = 1) -> tuple[Callable[[Any, Any], Any], Any]:
+    """(entry point, context) of the archive's handler, initialized. Like ts.model_loader.
+
+    The model directory goes first on sys.path and becomes the working directory, as in a
+    TorchServe worker (handlers import their model file and siblings by bare module name).
+    """
+    import ts
+    from ts.context import Context
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+    from ts.utils.util import get_yaml_config, list_classes_from_module
+
+    model = manifest["model"]
+    model_yaml_config: dict[str, Any] = {}
+    if model.get("configFile"):
+        model_yaml_config = get_yaml_config(str(model_dir / model["configFile"])) or {}
+
+    metrics_config = Path(ts.__file__).parent / "configs" / "metrics.yaml"
+    metrics = MetricsCacheYamlImpl(config_file_path=str(metrics_config))
+    metrics.initialize_cache()
+    metrics.model_name = model_name
+
+    context = Context(model_name, str(model_dir), manifest, batch_size, None, ts.__version__,
+                      True, metrics, model_yaml_config)
+    if (model_dir / "requirements.txt").is_file():
+        log.warning("the archive carries requirements.txt: it is NOT installed (no package index in "
+                    "the container); the packages must be in the runtime image")
+
+    if str(model_dir) not in sys.path:
+        sys.path.insert(0, str(model_dir))
+    os.chdir(model_dir)
+    module, function_name = _import_handler_module(str(model["handler"]), model_dir)
+    function_name = function_name or "handle"
+    entry_point: Callable[[Any, Any], Any]
+    if hasattr(module, function_name) and callable(getattr(module, function_name)):
+        entry_point = getattr(module, function_name)
+        entry_point(None, context)  # TorchServe's function contract: initialize = handle(None, ctx)
+    else:
+        classes = list_classes_from_module(module)
+        if len(classes) != 1:
+            raise HandlerLoadError(
+                f"expected only one class in custom service code or a function entry point, "
+                f"found {[c.__name__ for c in classes]}"
+            )
+        service = classes[0]()
+        if not hasattr(service, "handle"):
+            raise HandlerLoadError(f"expect handle method in class {classes[0].__name__}")
+        service.initialize(context)
+        entry_point = service.handle
+    return entry_point, context
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+@dataclass
+class Prediction:
+    status: int
+    body: bytes
+    content_type: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    error_type: str | None = None
+
+
+def decode_value(value: bytes, content_type: str | None) -> Any:
+    """A request value as TorchServe's worker decodes it (``_retrieve_input_data``)."""
+    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    decode = os.environ.get("TS_DECODE_INPUT_REQUEST", "true") == "true"
+    if decode and mime == "application/json":
+        try:
+            return json.loads(value.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return value
+    if decode and mime.startswith("text"):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+def encode_output(value: Any, content_type: str | None) -> tuple[bytes, str]:
+    """One handler output item as TorchServe's ``create_predict_response`` encodes it."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value), content_type or "application/octet-stream"
+    if isinstance(value, str):
+        return value.encode("utf-8"), content_type or "text/plain; charset=utf-8"
+    if type(value).__module__.startswith("torch") and type(value).__name__ == "Tensor":
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        return buf.getvalue(), content_type or "application/octet-stream"
+    body = json.dumps(value, indent=2, default=_tolist).encode("utf-8")
+    return body, content_type or "application/json"
+
+
+def _tolist(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _title(name: str) -> str:
+    return "-".join(part.capitalize() for part in name.split("-"))
+
+
+class LoadedModel:
+    """A handler ready to be called, with the per-request bookkeeping of ts.service.Service."""
+
+    def __init__(self, name: str, version: str, model_dir: Path, manifest: dict[str, Any],
+                 entry_point: Callable[[list[dict[str, Any]], Any], Any], context: Any) -> None:
+        self.name = name
+        self.version = version
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.entry_point = entry_point
+        self.context = context
+
+    def predict(self, row: dict[str, Any], param_types: Mapping[str, str | None],
+                headers: Iterable[tuple[str, str]], request_id: str | None = None) -> Prediction:
+        """One request through the handler (batch of one). Runs on the model thread."""
+        from ts.context import RequestProcessor
+        from ts.utils.util import PredictionException
+
+        request_id = request_id or str(uuid.uuid4())
+        request_headers: dict[str, Any] = {name: {"content-type": ct or ""} for name, ct in param_types.items()}
+        for key, value in headers:
+            request_headers[key] = value
+            request_headers.setdefault(_title(key), value)
+        ctx = self.context
+        ctx.request_ids = {0: request_id}
+        ctx.request_processor = [RequestProcessor(request_headers)]
+        if ctx.metrics is not None:
+            ctx.metrics.request_ids = {0: request_id}
+        ctx.cl_socket = None
+        try:
+            ret = self.entry_point([row], ctx)
+        except MemoryError:
+            log.error("system out of memory", exc_info=True)
+            return _worker_error(507, "Out of resources")
+        except PredictionException as exc:
+            log.error("prediction error", exc_info=True)
+            return _worker_error(int(exc.error_code), str(exc.message))
+        except Exception as exc:
+            if "CUDA" in str(exc):
+                log.error("CUDA out of memory", exc_info=True)
+                return _worker_error(507, "Out of resources")
+            log.warning("invoking custom service failed", exc_info=True)
+            return _worker_error(503, "Prediction failed")
+        if not isinstance(ret, list):
+            log.warning("model %s: invalid return type %s", self.name, type(ret).__name__)
+            return _worker_error(503, "Invalid model predict output")
+        if len(ret) != 1:
+            log.warning("model %s: number of batch response mismatched, expect 1, got %d", self.name, len(ret))
+            return _worker_error(503, "number of batch response mismatched")
+        status, _phrase = ctx.get_response_status(0)
+        response_headers = dict(ctx.get_response_headers(0))
+        content_type = response_headers.pop("content-type", None) or None
+        try:
+            body, content_type = encode_output(ret[0], content_type)
+        except (TypeError, ValueError):
+            log.warning("unable to serialize model output", exc_info=True)
+            return _worker_error(503, "Unsupported model output data type.")
+        return Prediction(status or 200, body, content_type, response_headers)
+
+
+def _worker_error(code: int, message: str) -> Prediction:
+    return Prediction(code, b"", error_type="InternalServerException",
+                      headers={"x-error-message": message})
+
+
+def open_model(model_dir: Path, work_root: Path, model_file: str | None = None,
+               model_name: str | None = None) -> LoadedModel:
+    """Find, extract and load the archive under ``model_dir``: the whole load path."""
+    archive = find_archive(model_dir, model_file)
+    check_readable(archive)
+    log.info("model archive: %s", archive)
+    t0 = time.monotonic()
+    extracted = extract_archive(archive, work_root)
+    log.info("extracted to %s in %.2f s", extracted, time.monotonic() - t0)
+    manifest = read_manifest(extracted)
+    name = model_name or str(manifest["model"].get("modelName") or archive.stem)
+    version = str(manifest["model"].get("modelVersion") or "1.0")
+    entry_point, context = load_handler(name, extracted, manifest)
+    return LoadedModel(name, version, extracted, manifest, entry_point, context)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def ts_error(code: int, type_: str, message: str) -> Response:
+    return json_response({"code": code, "type": type_, "message": message}, code, indent=2)
+
+
+@dataclass
+class WarmupSample:
+    row: dict[str, Any]
+    param_types: dict[str, str | None]
+    required: bool  # a sample given by the user must be answered successfully
+
+
+def warmup_sample(model_dir: Path) -> WarmupSample:
+    body_env = os.environ.get(ENV_WARMUP_BODY)
+    if body_env is not None:
+        content_type = env_str(ENV_WARMUP_CONTENT_TYPE, "application/json")
+        value = decode_value(body_env.encode("utf-8"), content_type)
+        return WarmupSample({"body": value}, {"body": content_type}, True)
+    file_env = os.environ.get(ENV_WARMUP_FILE, "").strip()
+    candidate = Path(file_env) if file_env else Path(DEFAULT_WARMUP_FILE)
+    path = candidate if candidate.is_absolute() else model_dir / candidate
+    if path.is_file():
+        content_type = env_str(ENV_WARMUP_CONTENT_TYPE, "") or mimetypes.guess_type(path.name)[0] or ""
+        value = decode_value(path.read_bytes(), content_type)
+        return WarmupSample({"body": value}, {"body": content_type}, True)
+    if file_env:
+        raise ArchiveError(f"{ENV_WARMUP_FILE}={file_env}: {path} does not exist")
+    return WarmupSample({"body": b""}, {"body": ""}, False)
+
+
+class TorchRuntime:
+    """State of the server: the model (once loaded), readiness, the model thread."""
+
+    def __init__(self, model_dir: Path | None = None, *, work_root: Path | None = None,
+                 model_file: str | None = None, model_name: str | None = None,
+                 warmup: bool | None = None) -> None:
+        self.model_dir = model_dir or model_dir_from_env()
+        self.work_root = work_root or Path(env_str(ENV_WORK_DIR, tempfile.gettempdir()))
+        self.model_file = model_file if model_file is not None else (os.environ.get(ENV_MODEL_FILE) or None)
+        self.model_name = model_name if model_name is not None else (os.environ.get(ENV_MODEL_NAME) or None)
+        self.warmup = env_bool(ENV_WARMUP, True) if warmup is None else warmup
+        self.warmup_timeout = env_float(ENV_WARMUP_TIMEOUT, 300.0)
+        self.max_request_size = env_int(ENV_MAX_REQUEST_SIZE, DEFAULT_MAX_REQUEST_SIZE)
+        self.readiness = Readiness()
+        self.thread = ModelThread(env_int(ENV_QUEUE_SIZE, 100), env_float(ENV_STUCK_SECONDS, 600.0))
+        self.model: LoadedModel | None = None
+        self._load_task: asyncio.Task[None] | None = None
+
+    # -- loading
+
+    def _load(self) -> LoadedModel:
+        configure_torch_threads()
+        return open_model(self.model_dir, self.work_root, self.model_file, self.model_name)
+
+    async def load(self) -> None:
+        """Load, then warm up; readiness follows. Never raises: failures make the runtime unready."""
+        t0 = time.monotonic()
+        try:
+            self.model = await self.thread.run(self._load, bypass_limit=True)
+        except Exception as exc:
+            log.exception("loading the model failed")
+            self.readiness.set(Phase.FAILED, f"loading the model failed: {type(exc).__name__}: {exc}")
+            return
+        model = self.model
+        self.readiness.load_seconds = time.monotonic() - t0
+        log.info("model %s version %s loaded in %.2f s", model.name, model.version, self.readiness.load_seconds)
+        if not self.warmup:
+            self.readiness.set(Phase.READY, "loaded (warm-up disabled)")
+            return
+        self.readiness.set(Phase.WARMING, "warm-up call running")
+        try:
+            sample = warmup_sample(model.model_dir)
+            prediction = await asyncio.wait_for(
+                self.thread.run(lambda: model.predict(sample.row, sample.param_types, [], "warmup"),
+                                bypass_limit=True),
+                self.warmup_timeout,
+            )
+        except TimeoutError:
+            self.readiness.set(Phase.FAILED, f"the warm-up call did not answer within {self.warmup_timeout:.0f} s")
+            return
+        except Exception as exc:
+            self.readiness.set(Phase.FAILED, f"warm-up failed: {type(exc).__name__}: {exc}")
+            return
+        if prediction.error_type is not None and sample.required:
+            message = prediction.headers.get("x-error-message", "")
+            self.readiness.set(Phase.FAILED, f"the warm-up request failed: {prediction.status} {message}")
+            return
+        if prediction.error_type is not None:
+            log.info("warm-up without a sample input (ship %s in the archive for a real check): the handler "
+                     "ran and rejected the empty body (%s); counted as an answer", DEFAULT_WARMUP_FILE,
+                     prediction.status)
+        self.readiness.set(Phase.READY, "model answers")
+        log.info("ready: model %s answers (%.2f s after start)", model.name, time.monotonic() - t0)
+
+    # -- routes
+
+    async def ping(self, request: Request) -> Response:
+        if self.readiness.ready and not self.thread.stuck():
+            return json_response({"status": "Healthy"}, 200, indent=2)
+        message = self.readiness.message
+        if self.readiness.ready:
+            message = f"a model call has been running for more than {self.thread.stuck_seconds:.0f} s"
+        return json_response({"status": "Unhealthy", "phase": self.readiness.phase.value, "message": message},
+                             500, indent=2)
+
+    async def list_models(self, request: Request) -> Response:
+        models = []
+        if self.model is not None:
+            models.append({"modelName": self.model.name, "modelUrl": self.model.name + ".mar"})
+        return json_response({"models": models}, 200, indent=2)
+
+    async def predictions(self, request: Request) -> Response:
+        return await self._infer(request, explain=False)
+
+    async def explanations(self, request: Request) -> Response:
+        return await self._infer(request, explain=True)
+
+    async def _infer(self, request: Request, *, explain: bool) -> Response:
+        name = request.path_params["model"]
+        version = request.path_params.get("version")
+        model = self.model
+        if model is None:
+            return ts_error(503, "ServiceUnavailableException",
+                            f"Model \"{name}\" is not available: {self.readiness.message}")
+        if name != model.name:
+            return ts_error(404, "ModelNotFoundException", f"Model not found: {name}")
+        if version is not None and version != model.version:
+            return ts_error(404, "ModelVersionNotFoundException",
+                            f"Model version: {version} does not exist for model: {name}")
+        if not self.readiness.ready and self.readiness.phase is not Phase.WARMING:
+            return ts_error(503, "ServiceUnavailableException",
+                            f"Model \"{name}\" has no worker to serve inference request: {self.readiness.message}")
+        try:
+            row, param_types = await self._parse(request)
+        except _TooLarge:
+            return ts_error(413, "RequestEntityTooLargeException",
+                            f"request is larger than {self.max_request_size} bytes ({ENV_MAX_REQUEST_SIZE})")
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except ValueError as exc:
+            return ts_error(400, "BadRequestException", str(exc))
+        headers = list(request.headers.items())
+        if explain:
+            headers.append(("explain", "True"))
+        request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        try:
+            prediction = await self.thread.run(lambda: model.predict(row, param_types, headers, request_id))
+        except QueueFull:
+            return ts_error(503, "ServiceUnavailableException",
+                            f"Model \"{name}\" has no worker to serve inference request. Please use scale "
+                            f"workers API to add workers.")
+        if prediction.error_type is not None:
+            message = prediction.headers.get("x-error-message", "Prediction failed")
+            return ts_error(prediction.status, prediction.error_type, message)
+        headers_out = {"x-request-id": request_id, **prediction.headers}
+        return Response(prediction.body, status_code=prediction.status, headers=headers_out,
+                        media_type=prediction.content_type)
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_request_size:
+            raise _TooLarge
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_request_size:
+                raise _TooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _parse(self, request: Request) -> tuple[dict[str, Any], dict[str, str | None]]:
+        """The handler's input row, as TorchServe's frontend + worker build it."""
+        row: dict[str, Any] = {}
+        types: dict[str, str | None] = {}
+        for key, value in request.query_params.multi_items():
+            row[key] = value.encode("utf-8")
+            types[key] = None
+        content_type = request.headers.get("content-type", "")
+        mime = content_type.split(";", 1)[0].strip().lower()
+        if mime in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > self.max_request_size:
+                raise _TooLarge
+            try:
+                form = await request.form(max_part_size=self.max_request_size)
+            except Exception as exc:  # malformed multipart
+                raise ValueError(f"cannot parse the form data: {exc}") from None
+            try:
+                for key, item in form.multi_items():
+                    if isinstance(item, UploadFile):
+                        data = await item.read()
+                        part_type = item.content_type
+                        row[key] = decode_value(data, part_type)
+                        types[key] = part_type
+                    else:
+                        row[key] = item.encode("utf-8")
+                        types[key] = None
+            finally:
+                await form.close()
+        else:
+            body = await self._read_body(request)
+            row["body"] = decode_value(body, mime)
+            types["body"] = mime or None
+        return row, types
+
+    async def not_found(self, request: Request, exc: Exception) -> Response:
+        return ts_error(404, "ResourceNotFoundException",
+                        "Requested resource is not found, please refer to API document.")
+
+    async def method_not_allowed(self, request: Request, exc: Exception) -> Response:
+        return ts_error(405, "MethodNotAllowedException",
+                        "Requested method is not allowed, please refer to API document.")
+
+    def app(self) -> Starlette:
+        @asynccontextmanager
+        async def lifespan(app: Starlette) -> Any:
+            self._load_task = asyncio.create_task(self.load())
+            try:
+                yield
+            finally:
+                self.thread.shutdown()
+                model = self.model
+                if model is not None and (model.model_dir / OWNER_FILE).is_file():
+                    shutil.rmtree(model.model_dir, ignore_errors=True)
+
+        methods = ["GET", "POST", "PUT"]
+        routes = [
+            Route("/ping", self.ping, methods=["GET", "POST"]),
+            Route("/models", self.list_models, methods=["GET"]),
+            Route("/predictions/{model}", self.predictions, methods=methods),
+            Route("/predictions/{model}/{version}", self.predictions, methods=methods),
+            Route("/explanations/{model}", self.explanations, methods=methods),
+            Route("/explanations/{model}/{version}", self.explanations, methods=methods),
+        ]
+        app = Starlette(routes=routes, lifespan=lifespan,
+                        exception_handlers={404: self.not_found, 405: self.method_not_allowed})
+        app.state.runtime = self
+        return app
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(model_dir: Path | None = None, **kwargs: Any) -> Starlette:
+    """The ASGI app (for tests: ``httpx.ASGITransport`` or uvicorn)."""
+    return TorchRuntime(model_dir, **kwargs).app()
+
+
+def main() -> None:
+    setup_logging()
+    if not env_bool("MODELFLEET_TS_METRICS_LOG", False):
+        # BaseHandler logs a "[METRICS]" line per request for TorchServe's frontend to parse; nobody
+        # parses them here, and the line costs ~0.1 ms a request. MODELFLEET_TS_METRICS_LOG=1 keeps them.
+        logging.getLogger("ts.metrics").setLevel(logging.WARNING)
+    log.info("modelfleet torch runtime %s", RUNTIME_VERSION)
+    run_server(create_app(), "torch runtime")
+
+
+if __name__ == "__main__":
+    main()

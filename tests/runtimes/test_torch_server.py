@@ -1,0 +1,271 @@
+"""The TorchServe-compatible runtime against real .mar archives made by torch-model-archiver.
+
+The servers are real processes on 127.0.0.1 (the image's entry point); the expected numbers are
+the same model computed directly in the test.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from modelfleet.runtimes import torch_server
+from tests.runtimes import mar_builder
+from tests.runtimes.conftest import TorchServer
+
+X = [0.5, -1.0, 2.0, 0.25]
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mar")
+    builders = {"eager": mar_builder.build_eager_mar, "torchscript": mar_builder.build_torchscript_mar,
+                "function": mar_builder.build_function_mar, "broken": mar_builder.build_failing_mar}
+    with ThreadPoolExecutor(4) as pool:
+        futures = {key: pool.submit(build, root) for key, build in builders.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def servers(archives: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TorchServer]]:
+    """One server per archive, started together (each on a read-only-style model dir of its own)."""
+    started: dict[str, TorchServer] = {}
+    try:
+        for key, mar in archives.items():
+            model_dir = tmp_path_factory.mktemp(f"model-{key}")
+            (model_dir / mar.name).symlink_to(mar)
+            started[key] = TorchServer(model_dir, model_dir.parent / f"{key}.log")
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+def expected_logits(x: list[float]) -> list[float]:
+    with torch.no_grad():
+        return [float(v) for v in mar_builder.tiny_net()(torch.tensor([x])).tolist()[0]]
+
+
+def test_eager_archive_answers_like_the_model(servers: dict[str, TorchServer]) -> None:
+    server = servers["eager"]
+    ping = server.wait()
+    assert ping.json() == {"status": "Healthy"}
+    response = httpx.post(f"{server.base}/predictions/tiny", json={"inputs": X})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["logits"] == pytest.approx(expected_logits(X), abs=1e-6)
+    # The context was built like TorchServe's: batch size 1, no GPU.
+    assert body["batch_size"] == 1 and body["gpu_id"] is None
+    # The version in the path is checked against the manifest's.
+    assert httpx.post(f"{server.base}/predictions/tiny/1.0", json={"inputs": X}).status_code == 200
+    # TorchServe-compatible JSON formatting (indent 2).
+    assert response.text.startswith("{\n  ")
+
+
+def test_torchscript_archive(servers: dict[str, TorchServer]) -> None:
+    server = servers["torchscript"]
+    server.wait()
+    response = httpx.post(f"{server.base}/predictions/tinyts/2.0", json={"inputs": X})
+    assert response.status_code == 200, response.text
+    assert response.json()["logits"] == pytest.approx(expected_logits(X), abs=1e-6)
+
+
+def test_multipart_field_data(servers: dict[str, TorchServer]) -> None:
+    server = servers["eager"]
+    server.wait()
+    files = {"data": ("input.json", json.dumps({"inputs": X}), "application/json")}
+    response = httpx.post(f"{server.base}/predictions/tiny", files=files)
+    assert response.status_code == 200, response.text
+    assert response.json()["logits"] == pytest.approx(expected_logits(X), abs=1e-6)
+    # A plain form field arrives as bytes (TorchServe's frontend sends it without a content type).
+    response = httpx.post(f"{server.base}/predictions/tiny", data={"data": json.dumps(X)})
+    assert response.status_code == 200, response.text
+
+
+def test_errors_are_torchserve_shaped(servers: dict[str, TorchServer]) -> None:
+    server = servers["eager"]
+    server.wait()
+    response = httpx.post(f"{server.base}/predictions/nosuchmodel", json={"inputs": X})
+    assert response.status_code == 404
+    assert response.json() == {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: nosuchmodel"}
+    response = httpx.post(f"{server.base}/predictions/tiny/9.9", json={"inputs": X})
+    assert response.status_code == 404
+    assert response.json()["type"] == "ModelVersionNotFoundException"
+    assert response.json()["code"] == 404
+    response = httpx.get(f"{server.base}/no/such/path")
+    assert response.status_code == 404 and response.json()["type"] == "ResourceNotFoundException"
+
+
+def test_handler_exception_is_503_and_the_server_stays_up(servers: dict[str, TorchServer]) -> None:
+    server = servers["eager"]
+    server.wait()
+    response = httpx.post(f"{server.base}/predictions/tiny", json="boom")
+    assert response.status_code == 503
+    assert response.json() == {"code": 503, "type": "InternalServerException", "message": "Prediction failed"}
+    # Still healthy, still answering.
+    assert httpx.get(f"{server.base}/ping").json() == {"status": "Healthy"}
+    again = httpx.post(f"{server.base}/predictions/tiny", json={"inputs": X})
+    assert again.status_code == 200
+    assert "the test asked for a failure" in server.log()
+
+
+def test_function_handler_receives_torchserve_inputs(servers: dict[str, TorchServer]) -> None:
+    server = servers["function"]
+    server.wait()
+    url = f"{server.base}/predictions/echo"
+
+    # JSON body -> parsed; the request headers reach the context.
+    body = httpx.post(url, json={"a": [1, 2]}, headers={"X-Test-Header": "yes"}).json()
+    assert body["input"]["body"] == {"type": "dict", "value": {"a": [1, 2]}}
+    assert body["header"] == "yes"
+    assert body["content_types"]["body"] == {"content-type": "application/json"}
+    assert body["model_name"] == "echo"
+    assert body["model_dir_seen"]  # initialize ran as handle(None, context)
+
+    # text/* -> str
+    body = httpx.post(url, content="bonjour", headers={"content-type": "text/plain; charset=utf-8"}).json()
+    assert body["input"]["body"] == {"type": "str", "value": "bonjour"}
+
+    # anything else -> bytes; query parameters -> bytes too (as TorchServe's frontend sends them)
+    body = httpx.post(url + "?k=v", content=b"\x01\x02", headers={"content-type": "application/octet-stream"}).json()
+    assert body["input"]["body"] == {"type": "bytes", "value": "\x01\x02"}
+    assert body["input"]["k"] == {"type": "bytes", "value": "v"}
+
+    # invalid JSON is forwarded as bytes, not rejected
+    body = httpx.post(url, content=b"{nope", headers={"content-type": "application/json"}).json()
+    assert body["input"]["body"]["type"] == "bytes"
+
+    # multipart: file parts decoded by their content type, plain fields as bytes
+    files = {"data": ("x.txt", "some text", "text/plain"), "meta": ("m.json", '{"k": 1}', "application/json")}
+    body = httpx.post(url, files=files, data={"field": "plain"}).json()
+    assert body["input"]["data"] == {"type": "str", "value": "some text"}
+    assert body["input"]["meta"] == {"type": "dict", "value": {"k": 1}}
+    assert body["input"]["field"] == {"type": "bytes", "value": "plain"}
+
+
+def test_function_handler_outputs(servers: dict[str, TorchServer]) -> None:
+    server = servers["function"]
+    server.wait()
+    url = f"{server.base}/predictions/echo"
+    raw = httpx.post(url, content=b"raw-please", headers={"content-type": "application/octet-stream"})
+    assert raw.status_code == 200 and raw.content == b"\x00\x01raw bytes"
+    text = httpx.post(url, content="say hello", headers={"content-type": "text/plain"})
+    assert text.status_code == 200 and text.text == "hello, text"
+    # The handler sets the status and content type through the context.
+    teapot = httpx.post(url, json={"status": 418})
+    assert teapot.status_code == 418
+    assert teapot.headers["content-type"] == "application/x-teapot"
+    assert teapot.json() == {"short": "stout"}
+
+
+def test_load_failure_keeps_the_runtime_unready(servers: dict[str, TorchServer]) -> None:
+    server = servers["broken"]
+    ping = server.wait()
+    assert ping.status_code == 500
+    assert ping.json()["status"] == "Unhealthy"
+    assert "weights are corrupt" in ping.json()["message"]
+    response = httpx.post(f"{server.base}/predictions/broken", json={})
+    assert response.status_code == 503
+    assert response.json()["type"] == "ServiceUnavailableException"
+    assert server.proc.poll() is None  # up, and saying why it is not ready
+
+
+def test_models_listing(servers: dict[str, TorchServer]) -> None:
+    server = servers["eager"]
+    server.wait()
+    assert httpx.get(f"{server.base}/models").json() == {"models": [{"modelName": "tiny", "modelUrl": "tiny.mar"}]}
+
+
+def test_required_warmup_failure_is_unready(archives: dict[str, Path], tmp_path: Path) -> None:
+    """A warm-up sample the model cannot answer: loaded, but not ready."""
+    (tmp_path / "tiny.mar").symlink_to(archives["eager"])
+    server = TorchServer(tmp_path, tmp_path / "server.log", env={"MODELFLEET_WARMUP_BODY": '"boom"'})
+    try:
+        ping = server.wait()
+        assert ping.status_code == 500
+        assert "warm-up request failed" in ping.json()["message"]
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- archive handling (in-process)
+
+
+def test_find_archive(tmp_path: Path) -> None:
+    with pytest.raises(torch_server.ArchiveError, match=r"no \*\.mar archive"):
+        torch_server.find_archive(tmp_path)
+    (tmp_path / "a.mar").write_bytes(b"x")
+    assert torch_server.find_archive(tmp_path) == tmp_path / "a.mar"
+    (tmp_path / "b.mar").write_bytes(b"x")
+    with pytest.raises(torch_server.ArchiveError, match="MODEL_FILE"):
+        torch_server.find_archive(tmp_path)
+    assert torch_server.find_archive(tmp_path, "b.mar") == tmp_path / "b.mar"
+    assert torch_server.find_archive(tmp_path / "a.mar") == tmp_path / "a.mar"
+    with pytest.raises(torch_server.ArchiveError, match="does not exist"):
+        torch_server.find_archive(tmp_path / "missing")
+
+
+def test_extract_rejects_path_traversal(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.mar"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("MAR-INF/MANIFEST.json", "{}")
+        zf.writestr("../../escaped.py", "x")
+    with pytest.raises(torch_server.ArchiveError, match="outside"):
+        torch_server.extract_archive(evil, tmp_path / "work")
+    assert not (tmp_path / "escaped.py").exists()
+
+
+def test_extract_tgz_with_top_level_directory(tmp_path: Path) -> None:
+    manifest = json.dumps({"model": {"modelName": "m", "handler": "h.py"}}).encode()
+    archive = tmp_path / "m.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        info = tarfile.TarInfo("m/MAR-INF/MANIFEST.json")
+        info.size = len(manifest)
+        tf.addfile(info, io.BytesIO(manifest))
+    extracted = torch_server.extract_archive(archive, tmp_path / "work")
+    assert torch_server.read_manifest(extracted)["model"]["modelName"] == "m"
+
+
+def test_manifest_without_handler_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "MAR-INF").mkdir()
+    (tmp_path / "MAR-INF" / "MANIFEST.json").write_text(json.dumps({"model": {"modelName": "m"}}))
+    with pytest.raises(torch_server.ArchiveError, match="handler"):
+        torch_server.read_manifest(tmp_path)
+
+
+def test_decode_value_rules() -> None:
+    assert torch_server.decode_value(b'{"a": 1}', "application/json") == {"a": 1}
+    assert torch_server.decode_value(b"hi", "text/plain; charset=utf-8") == "hi"
+    assert torch_server.decode_value(b"hi", "image/png") == b"hi"
+    assert torch_server.decode_value(b"hi", None) == b"hi"
+    assert torch_server.decode_value(b"{bad", "application/json") == b"{bad"
+
+
+def test_extraction_cleans_up_after_an_earlier_run_of_the_same_container(archives: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    first = torch_server.extract_archive(archives["eager"], work)
+    foreign = work / "mar-foreign"  # another container's
+    foreign.mkdir()
+    (foreign / torch_server.OWNER_FILE).write_text("another-container\n1\n")
+    live = work / "mar-live"  # another server on this host, still running (our parent process)
+    live.mkdir()
+    (live / torch_server.OWNER_FILE).write_text(f"{os.uname().nodename}\n{os.getppid()}\n")
+    dead = work / "mar-dead"  # an earlier run of this container
+    dead.mkdir()
+    (dead / torch_server.OWNER_FILE).write_text(f"{os.uname().nodename}\n{2**22 + 1}\n")
+    second = torch_server.extract_archive(archives["eager"], work)
+    assert not first.exists() and not dead.exists()
+    assert second.is_dir() and foreign.is_dir() and live.is_dir()
+    assert (second / "MAR-INF" / "MANIFEST.json").is_file()

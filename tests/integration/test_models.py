@@ -18,11 +18,8 @@ import httpx
 import pytest
 from netns_hosts import TestHost
 
-from modelfleet.reconciler.docker_pool import HostClient
 from modelfleet.runtimes import images
-from modelfleet.state.pool import Host
-from tests.integration.fleet import BASE_MANIFESTS, API, Fleet, make_fleet, running
-from tests.integration.test_daemon import RequestLoop
+from tests.integration.fleet import API, BASE_MANIFESTS, Fleet, make_fleet, running
 from tests.reconciler.artifacts.hub_standin import HubStandin, minilm_repos
 from tests.runtimes import mar_builder
 

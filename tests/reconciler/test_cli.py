@@ -48,7 +48,7 @@ def bad_repo(tmp_path: Path) -> Path:
 def test_validate_examples_repo(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "validate", str(EXAMPLES))
     assert code == 0, err
-    assert "valid (2 environments, 5 policies, 3 models, 5 deployments)" in out
+    assert "valid (2 environments, 5 policies, 3 models, 6 deployments)" in out
     assert err == ""
 
 
@@ -125,7 +125,8 @@ def test_plan_json_shape(capsys: pytest.CaptureFixture[str]) -> None:
     assert plan["valid"] is True and plan["errors"] == []
     deployments = {(d["model"], d["environment"]): d for d in plan["deployments"]}
     assert set(deployments) == {("echo", "production"), ("echo", "development"), ("minilm", "production"),
-                                ("minilm", "development"), ("sentiment", "development")}
+                                ("minilm", "development"), ("tiny-classifier", "production"),
+                                ("tiny-classifier", "development")}
     for d in plan["deployments"]:
         assert {"model", "environment", "enabled", "eligible_hosts", "hosts", "errors"} <= set(d)
         assert isinstance(d["enabled"], bool) and d["errors"] == []
@@ -141,7 +142,7 @@ def test_plan_json_shape(capsys: pytest.CaptureFixture[str]) -> None:
     minilm_dev = deployments[("minilm", "development")]
     assert minilm_dev["enabled"] is False and minilm_dev["hosts"] == []
     # Offline: an empty pool, so every placed replica is created.
-    assert len(plan["actions"]) == 5
+    assert len(plan["actions"]) == 6
     for action in plan["actions"]:
         assert {"op", "model", "environment", "host"} <= set(action)
         assert action["op"] == "create"
@@ -166,10 +167,10 @@ def test_plan_explain_text_mentions_excluded_host_reasons(capsys: pytest.Capture
     assert "✗ fra-1: location frankfurt-1 (DE, EU) not allowed by policy france of the deployment" in out
     assert '✗ iad-1: location virginia-1 (US, NA) not allowed by policy eu-only of environment "production"' in out
     assert "✗ par-2: does not offer requested flavor intel-sapphire-rapids" in out
-    assert "5 action(s)" in out
+    assert "6 action(s)" in out
     # Without --explain, no reasons.
     _, plain, _ = run(capsys, "plan", str(EXAMPLES), "--config", str(CONFIG), "--offline")
-    assert "not allowed by policy" not in plain and "5 action(s)" in plain
+    assert "not allowed by policy" not in plain and "6 action(s)" in plain
 
 
 def test_plan_explain_prints_names_from_the_config_verbatim(capsys: pytest.CaptureFixture[str],

@@ -24,7 +24,8 @@ def test_spec_hashes_of_the_examples_are_stable() -> None:
         ("echo", "production"): "afda659aa3d66703",
         ("minilm", "development"): "6e2f30746c5bded5",
         ("minilm", "production"): "f12f27527652124e",
-        ("sentiment", "development"): "3b3afa4dd13aed4d",
+        ("tiny-classifier", "development"): "c94cce493e8562b7",
+        ("tiny-classifier", "production"): "16b3db9dc2f726c3",
     }
 
 

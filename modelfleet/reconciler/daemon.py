@@ -209,6 +209,10 @@ class Daemon:
         plan = make_plan({}, list(self.hosts.values()), revision, actual, owned,
                          observation.down_hosts - suspect, catalog=catalog, memo=self._desired_memo,
                          origin_facts=facts)
+        if self._adopt(plan, observation, owned):
+            plan = make_plan({}, list(self.hosts.values()), revision, actual, owned,
+                             observation.down_hosts - suspect, catalog=catalog, memo=self._desired_memo,
+                             origin_facts=facts)
         self._sweep_readiness(plan, observation)
         actions, deferred = self._defer_unsafe_removals(self._without_failed_rollouts(plan))
         on_suspects = [a for a in actions if a.host in suspect or (a.current and a.current.host in suspect)]
@@ -326,6 +330,25 @@ class Daemon:
                 self.store.set_ready(row.host, row.name, False)
             owned.add(seen.container_id)
         return owned
+
+    def _adopt(self, plan: PlanResult, observation: Observation, owned: set[str]) -> bool:
+        """Managed containers missing from the inventory (its state directory was lost or reset)
+        that are exactly a desired replica (same slot, host and spec hash) are adopted, not
+        duplicated. Anything else not in the inventory is never touched."""
+        wanted = {(r.host, r.model, r.environment, r.index, r.spec_hash) for r in plan.desired.replicas}
+        adopted = False
+        for replica in observation.replicas:
+            key = (replica.host, replica.model, replica.environment, replica.index, replica.spec_hash)
+            if replica.container_id in owned or key not in wanted:
+                continue
+            self.store.record_intent(replica.host, replica.name, replica.model, replica.environment, replica.index,
+                                     replica.spec_hash, replica.revision)
+            self.store.record_created(replica.host, replica.name, replica.container_id, None, None)
+            owned.add(replica.container_id)
+            log.info("adopted %s on %s: it matches the desired replica %d of %s/%s", replica.name, replica.host,
+                     replica.index, replica.model, replica.environment)
+            adopted = True
+        return adopted
 
     def _without_failed_rollouts(self, plan: PlanResult) -> list[Action]:
         """A version that failed to become ready is not retried until its spec changes (auto-revert)."""

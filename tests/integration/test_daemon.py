@@ -238,3 +238,16 @@ def test_webhook_signature_is_checked(clean_hosts: list[TestHost], tmp_path: Pat
                          headers={"X-Hub-Signature-256": f"sha256={signature}", "Content-Type": "application/json"})
         assert good.status_code == 202
         fleet.wait(lambda: ready(fleet, "echo", revision=revision), 20, "webhook-triggered rollout")
+
+
+def test_lost_state_directory_adopts_matching_replicas_instead_of_duplicating(fleet: Fleet) -> None:
+    fleet.wait(lambda: ready(fleet, "echo"), 30, "echo ready")
+    before = {c["id"] for c in fleet.containers()}
+    fleet.stop()
+    fleet.kill_gateway()
+    for leftover in fleet.state_dir.glob("modelfleet.db*"):
+        leftover.unlink()  # the inventory is gone; the containers are not
+    fleet.start()
+    fleet.wait(lambda: ready(fleet, "echo") and fleet.deployment("echo")["ready_replicas"] == 2, 30, "adopted")
+    assert {c["id"] for c in fleet.containers()} == before
+    fleet.wait(lambda: fleet.call("echo", "/").status_code == 200, 15, "served by the adopted replicas")

@@ -111,7 +111,7 @@ def resolve_runtime(
     port = runtime.port or DEFAULT_PORTS[kind]
     default_cpus, default_memory = DEFAULT_RESOURCES[kind]
     probe = runtime.readiness_probe or ReadinessProbe(path=DEFAULT_PROBE_PATHS[kind])
-    args = tuple(runtime.args) if runtime.args is not None else _default_args(kind, deployment, hf_revision)
+    args = tuple(runtime.args) if runtime.args is not None else _default_args(kind, deployment, hf_revision, port)
     return ResolvedRuntime(
         type=kind,
         image=runtime.image or DEFAULT_IMAGES[kind],
@@ -132,9 +132,9 @@ def resolve_runtime(
     )
 
 
-def _default_args(kind: str, deployment: Deployment, hf_revision: str | None) -> tuple[str, ...]:
+def _default_args(kind: str, deployment: Deployment, hf_revision: str | None, port: int) -> tuple[str, ...]:
     origin = deployment.origin
     if kind in ("tei", "tgi") and origin is not None and origin.huggingface is not None:
         revision = hf_revision or origin.huggingface.revision
-        return ("--model-id", MODEL_MOUNT, "--revision", revision, "--port", str(DEFAULT_PORTS[kind]))
+        return ("--model-id", MODEL_MOUNT, "--revision", revision, "--port", str(port))
     return ()

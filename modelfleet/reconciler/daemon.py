@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -167,10 +168,12 @@ class Daemon:
             self.status.source_error = str(exc)
             summary = {"error": str(exc)}
             log.error("pass %d failed: %s", pass_id, exc)
+            self._publish_pass_error(str(exc))
         except Exception as exc:  # never let one pass kill the daemon
             self._consecutive_failures += 1
             summary = {"error": f"internal error: {type(exc).__name__}: {exc}"}
             log.exception("pass %d crashed", pass_id)
+            self._publish_pass_error(f"internal error ({type(exc).__name__}); the next pass retries")
         finally:
             seconds = time.monotonic() - started
             summary["seconds"] = round(seconds, 3)
@@ -248,6 +251,14 @@ class Daemon:
             "observe_seconds": round(observation.seconds, 4),
             "errors": len(plan.desired.errors),
         }
+
+    def _publish_pass_error(self, message: str) -> None:
+        """A pass that failed midway must not leave its commit 'pending' forever."""
+        revision = self.status.revision
+        if revision is None:
+            return  # the commit is not known (the fetch failed): nothing to annotate
+        with contextlib.suppress(Exception):
+            self._publish_statuses(revision, [CommitStatus(cond.AGGREGATE_CONTEXT, "error", message)])
 
     # --- steps ----------------------------------------------------------------------------------
 
@@ -473,7 +484,9 @@ class Daemon:
         result: dict[Key, cond.DeploymentStatus] = {}
         counts: dict[str, int] = {"success": 0, "pending": 0, "failure": 0, "error": 0}
         for key, state in sorted(plan.desired.deployments.items()):
-            desired_running = running_wanted.get(key, 0)
+            # What should run: all requested replicas (placed or not: an unplaced one is still
+            # missing), or for a serverless deployment the active ones.
+            desired_running = running_wanted.get(key, 0) if state.serverless else state.replicas
             ready_rows = ready_by_key.get((key[0], key[1], state.spec_hash or ""), [])
             failures = failures_by_key.get(key, [])
             marker = f"{state.model}/{state.environment}@{state.spec_hash}"

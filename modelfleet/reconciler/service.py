@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,10 @@ from modelfleet.reconciler.triggers import watch_refs
 
 log = logging.getLogger("modelfleet.service")
 MAX_BACKOFF = 60.0
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -135,7 +140,16 @@ def run_daemon(config: Config, config_path: str, *, once: bool = False) -> int:
                    daemon.triggers.fire)
     server = uvicorn.Server(uvicorn.Config(app, host=api_host, port=api_port, log_level="warning",
                                            access_log=False, lifespan="off"))
-    api_thread = threading.Thread(target=server.run, name="modelfleet-api", daemon=True)
+    try:
+        # Bind here, not in the server thread: a port in use is a clear startup error, not a daemon
+        # that silently runs without its API.
+        api_socket = socket.create_server((api_host, api_port), family=_family(api_host), reuse_port=False)
+    except OSError as exc:
+        log.error("cannot listen on api.listen %s: %s", config.api.listen, exc.strerror)
+        daemon.close()
+        return 3
+    api_thread = threading.Thread(target=server.run, kwargs={"sockets": [api_socket]}, name="modelfleet-api",
+                                  daemon=True)
     api_thread.start()
 
     # Gateway child (embedded mode).

@@ -91,7 +91,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         actual, owned, down = observation.replicas, None, observation.down_hosts
         for host, reason in sorted(observation.errors.items()):
             err.print(f"host {host} is unreachable: {reason}", markup=False)
-    result = make_plan(DirectoryTree(repo), hosts, _revision_of(repo), actual, owned, down)
+    tree = DirectoryTree(repo)
+    facts = None
+    if not args.offline:
+        # Resolve HuggingFace revisions to the commit that would be deployed (the daemon's cache).
+        from modelfleet.reconciler.artifacts.huggingface import HuggingFaceResolver
+        from modelfleet.reconciler.artifacts.store import ArtifactStore
+        from modelfleet.reconciler.daemon import read_token_file
+        from modelfleet.reconciler.origins import OriginResolver
+        from modelfleet.state.loader import load_tree as _load
+
+        hf = config.integrations.huggingface
+        resolver = HuggingFaceResolver(Path(config.state_dir) / "huggingface", token=read_token_file(hf.token_file),
+                                       endpoint=hf.endpoint)
+        facts = OriginResolver(resolver, ArtifactStore(config.state_dir)).facts(_load(tree))
+    result = make_plan(tree, hosts, _revision_of(repo), actual, owned, down, origin_facts=facts)
     if args.json:
         print(json.dumps(result.to_json(explain=args.explain), indent=2))
     else:

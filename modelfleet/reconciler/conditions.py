@@ -45,6 +45,7 @@ class DeploymentStatus:
     desired_replicas: int
     revision: str
     conditions: list[Condition] = field(default_factory=list)
+    origin: dict[str, object] | None = None  # as deployed (HF commit, archive sha256)
 
     @property
     def context(self) -> str:

@@ -524,7 +524,8 @@ class Daemon:
             result[key] = cond.DeploymentStatus(
                 state.model, state.environment, status, reason, message, hosts, len(ready_rows),
                 desired_running, revision,
-                cond.conditions_for(status, reason, message, previous.conditions if previous else None))
+                cond.conditions_for(status, reason, message, previous.conditions if previous else None),
+                origin=state.origin)
             counts[status] += 1
         for name, value in counts.items():
             self.metrics.deployments.labels(name).set(value)

@@ -34,6 +34,7 @@ class PlanResult:
                 "replicas": state.replicas,
                 "serverless": state.serverless,
                 "spec_hash": state.spec_hash,
+                "origin": state.origin,
             }
             if state.runtime is not None:
                 item["runtime"] = {"type": state.runtime.type, "image": state.runtime.image,

@@ -58,6 +58,8 @@ class DeploymentState:
     errors: list[ManifestError] = field(default_factory=list)
     # Scheduling problems are not manifest errors: the next pass may succeed (a host comes back).
     unschedulable: str | None = None
+    # The origin as deployed: the HuggingFace commit a revision resolved to, the archive's sha256.
+    origin: dict[str, object] | None = None
 
     @property
     def key(self) -> Key:
@@ -285,7 +287,8 @@ def _resolve(
     state.serverless = spec.serverless is not None
     # Serverless under demand needs more than its standby slot: place what should run.
     state.replicas = max(_slots(spec), _active_replicas(spec, demand)) if spec.enabled else 0
-    state.spec_hash = spec_hash(runtime, resolved_origin(spec, catalog.artifact_digests, hf_commits))
+    state.origin = resolved_origin(spec, catalog.artifact_digests, hf_commits)
+    state.spec_hash = spec_hash(runtime, state.origin)
     requested = frozenset(spec.flavors)
     cache_key = (entry.environment, tuple(spec.policies), requested, runtime.cpus, runtime.memory)
     cached = eligibility.get(cache_key) if eligibility is not None else None

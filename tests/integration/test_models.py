@@ -20,7 +20,7 @@ from netns_hosts import TestHost
 
 from modelfleet.runtimes import images
 from tests.integration.fleet import API, BASE_MANIFESTS, Fleet, make_fleet, running
-from tests.reconciler.artifacts.hub_standin import HubStandin, minilm_repos
+from tests.reconciler.artifacts.hub_standin import FAKE_COMMIT, HubStandin, minilm_repos
 from tests.runtimes import mar_builder
 
 pytest.importorskip("torch", reason="model tests need the runtime extras (pip install -e '.[dev]')")
@@ -194,7 +194,8 @@ def test_minilm_from_huggingface_embeds_like_the_model_and_ships_once_per_host(
         cosine = sum(x * float(y) for x, y in zip(a, b, strict=True)) / (
             math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(float(y) ** 2 for y in b)))
         assert cosine > 0.9999
-    # The commit the branch resolved to is what runs (pinned, visible in the container labels).
+    # The commit the branch resolved to is what runs, and the status says which.
+    assert model_fleet.deployment("minilm")["origin"]["huggingface"]["commit"] == FAKE_COMMIT
     first_host = model_fleet.deployment("minilm")["hosts"]
     transfers = model_fleet.status()["transfers"]
     assert [t["host"] for t in transfers] == first_host

@@ -71,7 +71,7 @@ RUNTIME_PORT = 8080
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_INCLUDE = ("python3", "python3-venv", "ca-certificates")
-DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
+APT_SOURCES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
 
 # What the images install (exact pins: reproducible images, stable content hash). Transitive
 # dependencies are resolved once per wheelhouse.
@@ -298,7 +298,24 @@ def _run_streaming(cmd: list[str], update: Callable[[str], None], what: str, **k
 
 
 def debian_mirror() -> str:
-    return os.environ.get("MODELFLEET_DEBIAN_MIRROR") or DEFAULT_DEBIAN_MIRROR
+    """The Debian mirror for debootstrap: $MODELFLEET_DEBIAN_MIRROR, else the one apt uses here."""
+    configured = os.environ.get("MODELFLEET_DEBIAN_MIRROR")
+    if configured:
+        return configured
+    for path in APT_SOURCES:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            words = line.split()
+            if words[:1] == ["URIs:"] and len(words) > 1:  # deb822 (.sources)
+                return words[1]
+            if words[:1] == ["deb"]:  # one-line format: deb [options] URI suite components
+                uris = [w for w in words[1:] if "://" in w]
+                if uris:
+                    return uris[0]
+    raise ImageBuildError("no Debian mirror found in the apt sources: set MODELFLEET_DEBIAN_MIRROR")
 
 
 def ensure_rootfs(cache_dir: Path, reporter: Reporter | None = None) -> tuple[Path, str]:

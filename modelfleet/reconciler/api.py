@@ -9,7 +9,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,12 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelfleet.api")
 MAX_WEBHOOK_BYTES = 5 * 2**20
-
-
-def read_secret(path: str | None) -> str | None:
-    if not path:
-        return None
-    return Path(path).read_text(encoding="utf-8").strip() or None
 
 
 def verify_webhook(headers: dict[str, str], body: bytes, secret: str) -> bool:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from modelfleet.reconciler.config import Config, ConfigError, load_config
 from modelfleet.reconciler.planning import PlanResult, make_plan
+from modelfleet.reconciler.secrets import read_secret
 from modelfleet.reconciler.tree import DirectoryTree
 from modelfleet.state.desired import compute_desired
 from modelfleet.state.loader import load_tree
@@ -92,20 +93,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for host, reason in sorted(observation.errors.items()):
             err.print(f"host {host} is unreachable: {reason}", markup=False)
     tree = DirectoryTree(repo)
+    catalog = load_tree(tree)
     facts = None
     if not args.offline:
         # Resolve HuggingFace revisions to the commit that would be deployed (the daemon's cache).
-        from modelfleet.reconciler.artifacts.huggingface import HuggingFaceResolver
         from modelfleet.reconciler.artifacts.store import ArtifactStore
-        from modelfleet.reconciler.daemon import read_token_file
-        from modelfleet.reconciler.origins import OriginResolver
-        from modelfleet.state.loader import load_tree as _load
+        from modelfleet.reconciler.origins import OriginResolver, huggingface_resolver
 
-        hf = config.integrations.huggingface
-        resolver = HuggingFaceResolver(Path(config.state_dir) / "huggingface", token=read_token_file(hf.token_file),
-                                       endpoint=hf.endpoint)
-        facts = OriginResolver(resolver, ArtifactStore(config.state_dir)).facts(_load(tree))
-    result = make_plan(tree, hosts, _revision_of(repo), actual, owned, down, origin_facts=facts)
+        facts = OriginResolver(huggingface_resolver(config), ArtifactStore(config.state_dir)).facts(catalog)
+    result = make_plan(tree, hosts, _revision_of(repo), actual, owned, down, origin_facts=facts, catalog=catalog)
     if args.json:
         print(json.dumps(result.to_json(explain=args.explain), indent=2))
     else:
@@ -198,8 +194,7 @@ def _api_get(args: argparse.Namespace, path: str) -> dict[str, object]:
     if args.config:
         config = _load_config_or_exit(args.config)
         base = base or f"http://{config.api.listen.replace('0.0.0.0', '127.0.0.1')}"
-        if config.api.token_file:
-            token = Path(config.api.token_file).read_text().strip()
+        token = read_secret(config.api.token_file)
     base = base or "http://127.0.0.1:8081"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:

@@ -19,17 +19,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from modelfleet.reconciler import conditions as cond
 from modelfleet.reconciler.apply import ActionOutcome, Applier, ApplyReport
-from modelfleet.reconciler.artifacts.huggingface import HuggingFaceResolver
 from modelfleet.reconciler.artifacts.shipping import ArtifactShipper, artifact_id
 from modelfleet.reconciler.artifacts.store import ArtifactStore
 from modelfleet.reconciler.config import Config
 from modelfleet.reconciler.docker_pool import HostClient
 from modelfleet.reconciler.errors import ModelfleetError
-from modelfleet.reconciler.git_source import GitSource, redact
+from modelfleet.reconciler.git_source import GitSource
 from modelfleet.reconciler.observe import Observation, observe
-from modelfleet.reconciler.origins import OriginResolver
+from modelfleet.reconciler.origins import OriginResolver, huggingface_resolver
 from modelfleet.reconciler.planning import DesiredMemo, PlanResult, make_plan
 from modelfleet.reconciler.routes import Backend, RouteStore, route_key
+from modelfleet.reconciler.secrets import redact_url
 from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
 from modelfleet.reconciler.store import InventoryRow, Store
 from modelfleet.reconciler.triggers import TriggerQueue
@@ -39,13 +39,6 @@ from modelfleet.state.plan import Action
 
 log = logging.getLogger("modelfleet.daemon")
 Key = tuple[str, str]
-
-
-def read_token_file(path: str | None) -> str | None:
-    """A secret from a file (whitespace stripped); never logged."""
-    if not path:
-        return None
-    return Path(path).read_text(encoding="utf-8").strip() or None
 
 
 class Metrics:
@@ -76,7 +69,7 @@ class DaemonStatus:
     hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     source_error: str | None = None
-    transfers: list[dict[str, Any]] = field(default_factory=list)
+    transfers: dict[str, dict[str, Any]] = field(default_factory=dict)  # "host artifact" -> progress
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -89,7 +82,8 @@ class DaemonStatus:
             "sourceError": self.source_error,
             "deployments": [d.to_json() for _, d in sorted(self.deployments.items())],
             "hosts": [dict(name=k, **v) for k, v in sorted(self.hosts.items())],
-            "transfers": self.transfers,
+            # The 20 most recent (list() copies atomically: shipping threads write meanwhile).
+            "transfers": sorted(list(self.transfers.values()), key=lambda t: t["at"], reverse=True)[:20],
         }
 
 
@@ -114,18 +108,14 @@ class Daemon:
         self._down_hosts: frozenset[str] = frozenset()
         self._unreachable_since: dict[str, float] = {}
         self._failed_rollouts: dict[str, str] = dict(self.store.fact("failed_rollouts", {}))
-        self._consecutive_failures = 0
         # Loaded manifests of the last commit, and its repository model files that are not valid.
         self._catalog: tuple[str, Catalog, dict[str, str]] | None = None
         self._desired_memo = DesiredMemo()
         # Model origins: uploads and repository files in a content-addressed store, HuggingFace models
         # resolved to a commit and downloaded into the daemon's cache, shipped to the hosts that need them.
         self.artifacts = ArtifactStore(self.state_dir)
-        hf = config.integrations.huggingface
-        self.hf = HuggingFaceResolver(self.state_dir / "huggingface", token=read_token_file(hf.token_file),
-                                      endpoint=hf.endpoint)
+        self.hf = huggingface_resolver(config)
         self.origins = OriginResolver(self.hf, self.artifacts, ttl=max(5.0, config.repo.poll_interval))
-        self.transfers: dict[str, dict[str, Any]] = {}  # "host artifact" -> progress, for status
         self.shipper = ArtifactShipper(self.artifacts, self.hf, on_progress=self._on_transfer)
         self.applier = Applier(self.clients, self.hosts, self.store, config.rollout, self.publish_routes,
                                drain_seconds=drain_seconds, stop_event=self.stop_event,
@@ -162,15 +152,12 @@ class Daemon:
             troubles = ("failed_actions", "down_hosts", "deferred_actions")
             healthy = not any(summary.get(k) for k in troubles)
             result = "ok" if healthy else "degraded"
-            self._consecutive_failures = 0
         except ModelfleetError as exc:
-            self._consecutive_failures += 1
             self.status.source_error = str(exc)
             summary = {"error": str(exc)}
             log.error("pass %d failed: %s", pass_id, exc)
             self._publish_pass_error(str(exc))
         except Exception as exc:  # never let one pass kill the daemon
-            self._consecutive_failures += 1
             summary = {"error": f"internal error: {type(exc).__name__}: {exc}"}
             log.exception("pass %d crashed", pass_id)
             self._publish_pass_error(f"internal error ({type(exc).__name__}); the next pass retries")
@@ -263,10 +250,8 @@ class Daemon:
     # --- steps ----------------------------------------------------------------------------------
 
     def _on_transfer(self, host: str, artifact: str, sent: int, total: int) -> None:
-        self.transfers[f"{host} {artifact}"] = {"host": host, "artifact": artifact, "sent": sent, "total": total,
-                                                "done": sent >= total, "at": time.time()}
-        recent = sorted(self.transfers.values(), key=lambda t: t["at"], reverse=True)[:20]
-        self.status.transfers = recent
+        self.status.transfers[f"{host} {artifact}"] = {
+            "host": host, "artifact": artifact, "sent": sent, "total": total, "done": sent >= total, "at": time.time()}
 
     def _collect_artifacts(self, plan: PlanResult, observation: Observation) -> None:
         """Remove model volumes no deployment on that host uses any more (after a clean apply)."""
@@ -313,7 +298,7 @@ class Daemon:
             else:
                 state = "down (replicas moved to other eligible hosts)"
             self.status.hosts[name] = {
-                "url": redact(host.url), "up": not down, "state": state, "error": observation.errors.get(name),
+                "url": redact_url(host.url), "up": not down, "state": state, "error": observation.errors.get(name),
                 "location": host.location.model_dump(), "flavors": [f.name for f in host.flavors],
                 "capacity": {"cpus": host.capacity.cpus, "memory": host.capacity.memory},
                 "replicas": sum(1 for r in observation.replicas if r.host == name),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections.abc import Iterator, Mapping
@@ -11,13 +10,7 @@ from pathlib import Path
 import git
 
 from modelfleet.reconciler.errors import GitSourceError
-
-_CREDENTIALS = re.compile(r"://[^/@]+@")
-
-
-def redact(url: str) -> str:
-    """Never log credentials embedded in a URL (https://user:token@host/...)."""
-    return _CREDENTIALS.sub("://***@", url)
+from modelfleet.reconciler.secrets import redact_url
 
 
 def local_path_of(url: str) -> Path | None:
@@ -105,19 +98,14 @@ class GitSource:
                                kill_after_timeout=self.timeout)
                 return repo.git.rev_parse(f"{ref}^{{commit}}").strip()
             except git.GitCommandError as exc:
-                detail = redact(str(exc.stderr or exc).strip())[-400:]
-                raise GitSourceError(f"fetching {redact(self.url)} branch {self.branch} failed: {detail}") from None
+                detail = redact_url(str(exc.stderr or exc).strip())[-400:]
+                raise GitSourceError(f"fetching {redact_url(self.url)} branch {self.branch} failed: {detail}") from None
 
     def tree(self, commit: str) -> GitTree:
         try:
             return GitTree(self._open(), commit)
         except (git.GitError, ValueError) as exc:
             raise GitSourceError(f"cannot read commit {commit}: {exc}") from None
-
-    def commit_info(self, commit: str) -> dict[str, str]:
-        c = self._open().commit(commit)
-        return {"sha": c.hexsha, "summary": str(c.summary), "author": str(c.author.name),
-                "date": c.committed_datetime.isoformat()}
 
     def watch_paths(self) -> list[Path]:
         """Paths whose change means a push happened (local repositories only)."""
@@ -145,7 +133,3 @@ def read_ref(git_dir: Path, ref: str) -> str | None:
         pass
     return None
 
-
-def is_local(url: str) -> bool:
-    path = local_path_of(url)
-    return path is not None and os.path.isdir(path)

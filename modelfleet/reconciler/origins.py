@@ -16,7 +16,9 @@ from modelfleet.reconciler.artifacts.errors import InvalidArtifact
 from modelfleet.reconciler.artifacts.huggingface import HuggingFaceResolver
 from modelfleet.reconciler.artifacts.mar import validate_mar
 from modelfleet.reconciler.artifacts.store import ArtifactStore
+from modelfleet.reconciler.config import Config
 from modelfleet.reconciler.errors import ModelfleetError
+from modelfleet.reconciler.secrets import read_secret
 from modelfleet.state.desired import OriginFacts
 from modelfleet.state.loader import Catalog
 
@@ -28,6 +30,13 @@ class _Resolved:
     commit: str | None
     error: str | None
     at: float
+
+
+def huggingface_resolver(config: Config) -> HuggingFaceResolver:
+    """The daemon's HuggingFace access: its cache under stateDir, its token, its endpoint."""
+    hf = config.integrations.huggingface
+    return HuggingFaceResolver(Path(config.state_dir) / "huggingface", token=read_secret(hf.token_file),
+                               endpoint=hf.endpoint)
 
 
 class OriginResolver:

@@ -17,17 +17,17 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from modelfleet.reconciler.api import make_api, read_secret
+from modelfleet.reconciler.api import make_api
 from modelfleet.reconciler.config import Config
 from modelfleet.reconciler.daemon import Daemon
 from modelfleet.reconciler.sdnotify import notify, watchdog_interval
+from modelfleet.reconciler.secrets import read_secret
 from modelfleet.reconciler.status import StatusWriter
 from modelfleet.reconciler.triggers import watch_refs
 
@@ -204,14 +204,3 @@ def run_daemon(config: Config, config_path: str, *, once: bool = False) -> int:
         log.info("stopped")
     return 0
 
-
-def wait_for(url: str, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1.0, trust_env=False).status_code < 500:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    return False

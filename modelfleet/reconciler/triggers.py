@@ -30,11 +30,6 @@ class TriggerQueue:
             reason, self._pending = self._pending, None
             return reason
 
-    @property
-    def pending(self) -> bool:
-        with self._cond:
-            return self._pending is not None
-
 
 def watch_refs(paths: list[Path], on_change: Callable[[], None], stop: threading.Event) -> threading.Thread:
     """Watch a local repository's refs with watchfiles: a push triggers a pass within a second."""

@@ -33,6 +33,7 @@ import git
 from git.exc import CommandError, InvalidGitRepositoryError, NoSuchPathError
 from gitdb.base import IStream
 
+from modelfleet.reconciler.secrets import redact_url
 from modelfleet.reconciler.status import NOTES_REF, CommitStatus, StatusError
 
 log = logging.getLogger("modelfleet.status.git_notes")
@@ -42,13 +43,7 @@ log = logging.getLogger("modelfleet.status.git_notes")
 REMOTE_NOTES_REF = "refs/modelfleet/remote-notes"
 
 _HEX_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 _DEFAULT_IDENTITY = {"name": "modelfleet", "email": "modelfleet@localhost"}
-
-
-def redact_url(text: str) -> str:
-    """Strip user information (user names, passwords, tokens) from every URL in ``text``."""
-    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def rfc3339(moment: datetime) -> str:

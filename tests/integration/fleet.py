@@ -20,6 +20,7 @@ import httpx
 import yaml
 from netns_hosts import TestHost
 
+from modelfleet.reconciler.routes import RouteStore
 from modelfleet.reconciler.status.git_notes import read_statuses
 
 LOCATIONS = [
@@ -171,6 +172,18 @@ class Fleet:
     def status(self) -> dict[str, Any]:
         response = self.api("/api/v1/status")
         return response.json() if response.status_code == 200 else {}
+
+    def routed(self) -> bool:
+        """The gateway serves the route table the daemon published last (it follows it within ~0.1 s)."""
+        try:
+            seen = httpx.get(f"http://127.0.0.1:{self.gateway_port}/routes", timeout=2, trust_env=False).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        store = RouteStore(self.state_dir)
+        try:
+            return bool(seen.get("version") == store.latest_version())
+        finally:
+            store.close()
 
     def deployment(self, model: str, environment: str = "production") -> dict[str, Any]:
         for item in self.status().get("deployments", []):

@@ -27,8 +27,9 @@ def fleet(clean_hosts: list[TestHost], tmp_path: Path) -> Iterator[Fleet]:
 
 
 def ready(fleet: Fleet, model: str, environment: str = "production", revision: str | None = None) -> bool:
+    """Ready in the daemon's status, and the gateway routes to it."""
     d = fleet.deployment(model, environment)
-    return d.get("state") == "success" and (revision is None or d.get("revision") == revision)
+    return d.get("state") == "success" and (revision is None or d.get("revision") == revision) and fleet.routed()
 
 
 class RequestLoop:
@@ -183,7 +184,7 @@ def test_host_down_is_reported_and_replicas_move(fleet: Fleet) -> None:
         fleet.wait(lambda: any(h["name"] == where and h["state"].startswith("down") for h in fleet.status()["hosts"]),
                    40, "host reported down")
         moved = fleet.wait(lambda: (d := fleet.deployment("dev", "development")).get("state") == "success"
-                           and d["hosts"] and d["hosts"][0] != where and d, 40, "replica moved")
+                           and d["hosts"] and d["hosts"][0] != where and fleet.routed() and d, 40, "replica moved")
         assert moved["hosts"][0] in fleet.host_names
         assert fleet.call("dev", "/", environment="development").status_code == 200
     finally:

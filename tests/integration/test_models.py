@@ -81,7 +81,8 @@ def wait_model(fleet: Fleet, name: str, replicas: int = 1, revision: str | None 
         if d.get("reason") in ("RolloutFailed", "InvalidManifest"):
             raise AssertionError(f"{name}: {d['message']}")
         good = d.get("state") == "success" and d.get("ready_replicas") == replicas
-        return d if good and (revision is None or d.get("revision") == revision) else None
+        good = good and (revision is None or d.get("revision") == revision) and fleet.routed()
+        return d if good else None
     return dict(fleet.wait(ok, 240, f"{name} ready"))
 
 

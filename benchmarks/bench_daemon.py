@@ -572,8 +572,8 @@ def bench_api_noop(fleet: Fleet, rounds: int = 5) -> None:
 def bench_noop_inprocess(config_path: Path, clients: Sequence[docker.DockerClient], count: int, passes: int,
                          profile: bool) -> None:
     from modelfleet.reconciler.config import load_config
-    from modelfleet.reconciler.daemon import Daemon
-    from modelfleet.reconciler.service import make_status_writer
+    from modelfleet.reconciler.daemon.reconcile import Daemon
+    from modelfleet.reconciler.daemon.service import make_status_writer
 
     config = load_config(config_path)
     daemon = Daemon(config)
@@ -623,7 +623,7 @@ def profile_passes(daemon: Any, rounds: int) -> None:
 
 
 def import_floor_rss() -> float:
-    code = ("import modelfleet.reconciler.service, modelfleet.reconciler.cli\n"
+    code = ("import modelfleet.reconciler.daemon.service, modelfleet.reconciler.cli.main\n"
             "for line in open('/proc/self/status'):\n"
             "    if line.startswith('VmRSS:'): print(int(line.split()[1]) * 1024 / 1e6)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,

@@ -64,7 +64,7 @@ GATEWAY_CODE = textwrap.dedent('''
         sys.modules["uvloop"] = sys.modules["httptools"] = None
     logging.basicConfig(level=logging.WARNING)
     from modelfleet.reconciler.config import load_config
-    from modelfleet.reconciler.gateway import run_gateway
+    from modelfleet.reconciler.gateway.server import run_gateway
     run_gateway(load_config(sys.argv[1]))
 ''')
 
@@ -213,7 +213,7 @@ def main() -> int:
         config = workdir / "modelfleet.yaml"
         config.write_text(f"stateDir: {workdir / 'state'}\ngateway: {{listen: '127.0.0.1:{gateway_port}'}}\n")
         sys.path.insert(0, str(ROOT))
-        from modelfleet.reconciler.routes import Backend, RouteStore
+        from modelfleet.reconciler.gateway.routes import Backend, RouteStore
 
         store = RouteStore(workdir / "state")
         store.publish({"bench/production": (Backend(f"http://127.0.0.1:{backend_port}", "bench-1", "local"),)})

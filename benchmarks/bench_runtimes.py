@@ -124,7 +124,7 @@ def bench_torch(requests_total: int, concurrency: int, time_cap: float) -> dict[
 def bench_coldstart(host_url: str | None, runs: int) -> dict[str, Any]:
     import httpx
 
-    from modelfleet.reconciler.docker_pool import ContainerSpec, HostClient
+    from modelfleet.reconciler.pool.adapter import ContainerSpec, HostClient
     from modelfleet.runtimes import images
     from modelfleet.state.pool import Host
     from tests.runtimes import hf_builder

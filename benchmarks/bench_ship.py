@@ -39,7 +39,7 @@ import netns_hosts  # noqa: E402
 
 from modelfleet.reconciler.artifacts.shipping import ArtifactShipper, volume_name  # noqa: E402
 from modelfleet.reconciler.artifacts.store import ArtifactStore, ArtifactWriter  # noqa: E402
-from modelfleet.reconciler.docker_pool import HostClient  # noqa: E402
+from modelfleet.reconciler.pool.adapter import HostClient  # noqa: E402
 from modelfleet.state.pool import Capacity, Host, HostFlavor, HostLocation  # noqa: E402
 
 MiB = 1 << 20

@@ -20,7 +20,7 @@ import httpx
 import yaml
 from netns_hosts import TestHost
 
-from modelfleet.reconciler.routes import RouteStore
+from modelfleet.reconciler.gateway.routes import RouteStore
 from modelfleet.reconciler.status.git_notes import read_statuses
 
 LOCATIONS = [

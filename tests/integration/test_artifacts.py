@@ -30,7 +30,7 @@ from modelfleet.reconciler.artifacts.shipping import (
     volume_name,
 )
 from modelfleet.reconciler.artifacts.store import ArtifactStore
-from modelfleet.reconciler.docker_pool import HostClient
+from modelfleet.reconciler.pool.adapter import HostClient
 from modelfleet.state.desired import DesiredReplica
 from modelfleet.state.pool import Capacity, Host, HostFlavor, HostLocation
 from tests.reconciler.artifacts.archives import build_mar

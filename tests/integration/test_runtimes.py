@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from modelfleet.reconciler.docker_pool import ContainerSpec, HostClient
+from modelfleet.reconciler.pool.adapter import ContainerSpec, HostClient
 from modelfleet.runtimes import images
 from modelfleet.state.pool import Host
 from tests.integration.conftest import remove_managed_containers

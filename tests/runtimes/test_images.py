@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from modelfleet.reconciler.cli_runtimes import EXIT_RUNTIME, add_runtimes_parser, cmd_runtimes
+from modelfleet.reconciler.cli.runtimes import EXIT_RUNTIME, add_runtimes_parser, cmd_runtimes
 from modelfleet.runtimes import images
 from modelfleet.state.runtimes import DEFAULT_IMAGES, DEFAULT_PORTS, MODEL_MOUNT
 

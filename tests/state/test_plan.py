@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelfleet.reconciler.config import load_config
-from modelfleet.reconciler.planning import make_plan, previous_placement
 from modelfleet.state.actual import ObservedReplica, from_labels, labels_for
 from modelfleet.state.plan import OP_ORDER, Action, diff
+from modelfleet.state.planning import make_plan, previous_placement
 from tests.state.helpers import (
     API,
     custom_model,

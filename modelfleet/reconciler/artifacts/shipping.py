@@ -57,8 +57,8 @@ from modelfleet.reconciler.artifacts.errors import InvalidOrigin, ShippingError
 from modelfleet.reconciler.artifacts.huggingface import HuggingFaceResolver
 from modelfleet.reconciler.artifacts.mar import MarInfo, validate_mar
 from modelfleet.reconciler.artifacts.store import ArtifactStore, normalize_digest
-from modelfleet.reconciler.docker_pool import HostClient
 from modelfleet.reconciler.errors import DockerOperationError, ImageMissing
+from modelfleet.reconciler.pool.adapter import HostClient
 from modelfleet.state.desired import DesiredReplica
 from modelfleet.state.runtimes import MODEL_MOUNT
 

@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from modelfleet.reconciler.api_artifacts import artifact_routes
+from modelfleet.reconciler.api.artifacts import artifact_routes
 from modelfleet.reconciler.artifacts.store import ArtifactStore
 from modelfleet.reconciler.artifacts.uploads import UploadManager
 from tests.reconciler.artifacts.archives import build_mar

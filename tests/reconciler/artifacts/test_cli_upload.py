@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from modelfleet.reconciler import cli
-from modelfleet.reconciler.cli_upload import main
+from modelfleet.reconciler.cli import main as cli
+from modelfleet.reconciler.cli.upload import main
 from tests.reconciler.artifacts.archives import crafted_zip
 from tests.reconciler.artifacts.conftest import UploadApi
 
 # `modelfleet upload` once the verb is wired into the main CLI; the module's own entry until then.
-_MODULE = "modelfleet.reconciler.cli" if "upload" in getattr(cli, "COMMANDS", {}) else \
-    "modelfleet.reconciler.cli_upload"
+_MODULE = "modelfleet.reconciler.cli.main" if "upload" in getattr(cli, "COMMANDS", {}) else \
+    "modelfleet.reconciler.cli.upload"
 
 
 class DroppingProxy:

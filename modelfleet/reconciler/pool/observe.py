@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from modelfleet.reconciler.docker_pool import ContainerInfo, HostClient
 from modelfleet.reconciler.errors import ModelfleetError
+from modelfleet.reconciler.pool.adapter import ContainerInfo, HostClient
 from modelfleet.state.actual import ObservedReplica, from_labels
 
 

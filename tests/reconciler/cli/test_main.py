@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from modelfleet.reconciler.cli import main
+from modelfleet.reconciler.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples-repo"
 CONFIG = EXAMPLES / "modelfleet.yaml"
 API = "apiVersion: modelfleet.dev/v1alpha1"

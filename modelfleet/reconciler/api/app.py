@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 if TYPE_CHECKING:
-    from modelfleet.reconciler.daemon import Daemon
+    from modelfleet.reconciler.daemon.reconcile import Daemon
 
 log = logging.getLogger("modelfleet.api")
 MAX_WEBHOOK_BYTES = 5 * 2**20
@@ -111,7 +111,7 @@ def make_api(daemon: Daemon, api_token: str | None, webhook_secret: str | None,
             return denied()
         return HTMLResponse(render_dashboard(daemon.status.to_json()))
 
-    from modelfleet.reconciler.api_artifacts import artifact_routes
+    from modelfleet.reconciler.api.artifacts import artifact_routes
 
     return Starlette(routes=[
         *artifact_routes(daemon.artifacts, api_token),

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelfleet.reconciler import daemon as daemon_module
 from modelfleet.reconciler.config import parse_config
-from modelfleet.reconciler.daemon import Daemon
+from modelfleet.reconciler.daemon import reconcile as daemon_module
+from modelfleet.reconciler.daemon.reconcile import Daemon
 from modelfleet.reconciler.status import CommitStatus
 
 API = "modelfleet.dev/v1alpha1"

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from modelfleet.reconciler.api import pushed_branch, verify_webhook
-from modelfleet.reconciler.triggers import TriggerQueue
+from modelfleet.reconciler.api.app import pushed_branch, verify_webhook
+from modelfleet.reconciler.daemon.triggers import TriggerQueue
 
 
 def test_triggers_during_a_pass_coalesce_into_exactly_one_more() -> None:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from modelfleet.reconciler.apply import Applier
 from modelfleet.reconciler.config import RolloutSettings
-from modelfleet.reconciler.store import Store
+from modelfleet.reconciler.daemon.store import Store
+from modelfleet.reconciler.rollout.apply import Applier
 from modelfleet.state.desired import OriginFacts, compute_desired
 from modelfleet.state.loader import load_tree
 from tests.state.helpers import fixture_pool

@@ -279,7 +279,7 @@ def _human(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m modelfleet.reconciler.cli_upload FILE.mar ...``)."""
+    """Standalone entry (``python -m modelfleet.reconciler.cli.upload FILE.mar ...``)."""
     parser = argparse.ArgumentParser(prog="modelfleet")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_upload_parser(sub)

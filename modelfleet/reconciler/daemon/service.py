@@ -23,13 +23,13 @@ import httpx
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from modelfleet.reconciler.api import make_api
+from modelfleet.reconciler.api.app import make_api
 from modelfleet.reconciler.config import Config
-from modelfleet.reconciler.daemon import Daemon
-from modelfleet.reconciler.sdnotify import notify, watchdog_interval
+from modelfleet.reconciler.daemon.reconcile import Daemon
+from modelfleet.reconciler.daemon.sdnotify import notify, watchdog_interval
+from modelfleet.reconciler.daemon.triggers import watch_refs
 from modelfleet.reconciler.secrets import read_secret
 from modelfleet.reconciler.status import StatusWriter
-from modelfleet.reconciler.triggers import watch_refs
 
 log = logging.getLogger("modelfleet.service")
 MAX_BACKOFF = 60.0

@@ -14,11 +14,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from modelfleet.reconciler.config import Config, ConfigError, load_config
-from modelfleet.reconciler.planning import PlanResult, make_plan
 from modelfleet.reconciler.secrets import read_secret
-from modelfleet.reconciler.tree import DirectoryTree
+from modelfleet.reconciler.source.tree import DirectoryTree
 from modelfleet.state.desired import compute_desired
 from modelfleet.state.loader import load_tree
+from modelfleet.state.planning import PlanResult, make_plan
 from modelfleet.state.units import format_memory
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
@@ -86,7 +86,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.offline:
         actual, owned, down = [], None, frozenset[str]()
     else:
-        from modelfleet.reconciler.observe import observe_pool
+        from modelfleet.reconciler.pool.observe import observe_pool
 
         observation = observe_pool(config)
         actual, owned, down = observation.replicas, None, observation.down_hosts
@@ -97,8 +97,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     facts = None
     if not args.offline:
         # Resolve HuggingFace revisions to the commit that would be deployed (the daemon's cache).
+        from modelfleet.reconciler.artifacts.origins import OriginResolver, huggingface_resolver
         from modelfleet.reconciler.artifacts.store import ArtifactStore
-        from modelfleet.reconciler.origins import OriginResolver, huggingface_resolver
 
         facts = OriginResolver(huggingface_resolver(config), ArtifactStore(config.state_dir)).facts(catalog)
     result = make_plan(tree, hosts, _revision_of(repo), actual, owned, down, origin_facts=facts, catalog=catalog)
@@ -166,7 +166,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from modelfleet.reconciler.service import run_daemon
+    from modelfleet.reconciler.daemon.service import run_daemon
 
     config = _load_config_or_exit(args.config)
     _setup_logging(args.verbose)
@@ -174,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from modelfleet.reconciler.gateway import GatewayError, run_gateway
+    from modelfleet.reconciler.gateway.server import GatewayError, run_gateway
 
     config = _load_config_or_exit(args.config)
     _setup_logging(args.verbose)
@@ -273,8 +273,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "gateway": cmd_gateway,
     "status": cmd_status,
     "hosts": cmd_hosts,
-    "upload": _lazy("modelfleet.reconciler.cli_upload", "cmd_upload"),
-    "runtimes": _lazy("modelfleet.reconciler.cli_runtimes", "cmd_runtimes"),
+    "upload": _lazy("modelfleet.reconciler.cli.upload", "cmd_upload"),
+    "runtimes": _lazy("modelfleet.reconciler.cli.runtimes", "cmd_runtimes"),
 }
 
 
@@ -309,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--api", help="API base URL (default: from --config, else http://127.0.0.1:8081)")
         p.add_argument("--json", action="store_true")
 
-    from modelfleet.reconciler.cli_runtimes import add_runtimes_parser
-    from modelfleet.reconciler.cli_upload import add_upload_parser
+    from modelfleet.reconciler.cli.runtimes import add_runtimes_parser
+    from modelfleet.reconciler.cli.upload import add_upload_parser
 
     add_upload_parser(sub)
     add_runtimes_parser(sub)

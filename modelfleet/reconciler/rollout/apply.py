@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 import httpx
 
 from modelfleet.reconciler.config import RolloutSettings
-from modelfleet.reconciler.docker_pool import ContainerInfo, ContainerSpec, HostClient
+from modelfleet.reconciler.daemon.store import Store
 from modelfleet.reconciler.errors import (
     DockerOperationError,
     ModelfleetError,
     NotReady,
     TerminalError,
 )
-from modelfleet.reconciler.store import Store
+from modelfleet.reconciler.pool.adapter import ContainerInfo, ContainerSpec, HostClient
 from modelfleet.state.actual import ObservedReplica, container_name, labels_for
 from modelfleet.state.desired import DesiredReplica
 from modelfleet.state.plan import Action

@@ -17,25 +17,25 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from modelfleet.reconciler import conditions as cond
-from modelfleet.reconciler.apply import ActionOutcome, Applier, ApplyReport
+from modelfleet.reconciler.artifacts.origins import OriginResolver, huggingface_resolver
 from modelfleet.reconciler.artifacts.shipping import ArtifactShipper, artifact_id
 from modelfleet.reconciler.artifacts.store import ArtifactStore
 from modelfleet.reconciler.config import Config
-from modelfleet.reconciler.docker_pool import HostClient
+from modelfleet.reconciler.daemon.store import InventoryRow, Store
+from modelfleet.reconciler.daemon.triggers import TriggerQueue
 from modelfleet.reconciler.errors import ModelfleetError
-from modelfleet.reconciler.git_source import GitSource
-from modelfleet.reconciler.observe import Observation, observe
-from modelfleet.reconciler.origins import OriginResolver, huggingface_resolver
-from modelfleet.reconciler.planning import DesiredMemo, PlanResult, make_plan
-from modelfleet.reconciler.routes import Backend, RouteStore, route_key
+from modelfleet.reconciler.gateway.routes import Backend, RouteStore, route_key
+from modelfleet.reconciler.pool.adapter import HostClient
+from modelfleet.reconciler.pool.observe import Observation, observe
+from modelfleet.reconciler.rollout.apply import ActionOutcome, Applier, ApplyReport
 from modelfleet.reconciler.secrets import redact_url
+from modelfleet.reconciler.source.git import GitSource
 from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
-from modelfleet.reconciler.store import InventoryRow, Store
-from modelfleet.reconciler.triggers import TriggerQueue
+from modelfleet.reconciler.status import conditions as cond
 from modelfleet.state.actual import ObservedReplica
 from modelfleet.state.loader import Catalog, load_tree
 from modelfleet.state.plan import Action
+from modelfleet.state.planning import DesiredMemo, PlanResult, make_plan
 
 log = logging.getLogger("modelfleet.daemon")
 Key = tuple[str, str]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelfleet.reconciler.cli import main
+from modelfleet.reconciler.cli.main import main
 from tests.reconciler.artifacts.hub_standin import FAKE_COMMIT, HubStandin, minilm_repos
 
 API = "modelfleet.dev/v1alpha1"

@@ -19,7 +19,8 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from modelfleet.reconciler.config import parse_config
-from modelfleet.reconciler.gateway import (
+from modelfleet.reconciler.gateway.routes import ROUTES_DB, Backend, RouteStore
+from modelfleet.reconciler.gateway.server import (
     Balancer,
     Gateway,
     GatewayError,
@@ -28,7 +29,6 @@ from modelfleet.reconciler.gateway import (
     create_gateway,
     parse_listen,
 )
-from modelfleet.reconciler.routes import ROUTES_DB, Backend, RouteStore
 
 pytestmark = pytest.mark.timeout(30)
 

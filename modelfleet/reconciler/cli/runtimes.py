@@ -54,7 +54,7 @@ def _hosts_from_config(path: str) -> list[Any]:
         if host.tls is None:
             hosts.append(host.url)
         else:  # reuse the pool adapter's TLS/SSH handling
-            from modelfleet.reconciler.docker_pool import HostClient
+            from modelfleet.reconciler.pool.adapter import HostClient
 
             hosts.append(HostClient(host, timeout=600)._docker())
     return hosts

@@ -52,9 +52,9 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from modelfleet.reconciler.config import Config
-from modelfleet.reconciler.gateway_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from modelfleet.reconciler.gateway_metrics import GatewayMetrics
-from modelfleet.reconciler.routes import ROUTES_DB, Backend, RouteStore, RouteTable
+from modelfleet.reconciler.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from modelfleet.reconciler.gateway.metrics import GatewayMetrics
+from modelfleet.reconciler.gateway.routes import ROUTES_DB, Backend, RouteStore, RouteTable
 
 log = logging.getLogger("modelfleet.gateway")
 

@@ -1,0 +1,1 @@
+"""The `modelfleet` command line."""

@@ -1,0 +1,1 @@
+"""The gateway (data plane): following the route table and proxying inference requests to ready replicas."""

@@ -1,0 +1,1 @@
+"""The Git source: fetching the tracked branch and reading manifest trees at a commit."""

@@ -124,8 +124,8 @@ def bench_torch(requests_total: int, concurrency: int, time_cap: float) -> dict[
 def bench_coldstart(host_url: str | None, runs: int) -> dict[str, Any]:
     import httpx
 
+    from modelfleet.reconciler.images import build, content
     from modelfleet.reconciler.pool.adapter import ContainerSpec, HostClient
-    from modelfleet.runtimes import images
     from modelfleet.state.pool import Host
     from tests.runtimes import hf_builder
 
@@ -141,7 +141,7 @@ def bench_coldstart(host_url: str | None, runs: int) -> dict[str, Any]:
     volume = Path("/var/lib/modelfleet-test") / f"bench-{uuid.uuid4().hex[:8]}"
     try:
         t0 = time.monotonic()
-        report = images.build_runtime_images([host_url], base_image="local", progress=False)
+        report = build.build_runtime_images([host_url], base_image="local", progress=False)
         print(f"images ready in {time.monotonic() - t0:.1f} s\n{report.summary()}")
         model_dir = hf_builder.copy_minilm(volume / "minilm")
         host = Host(name="bench", url=host_url, location={"name": "b", "country": "FR", "continent": "EU"},
@@ -150,7 +150,7 @@ def bench_coldstart(host_url: str | None, runs: int) -> dict[str, Any]:
         address = host.reach_address
         times: list[float] = []
         for _ in range(runs):
-            spec = ContainerSpec(name=f"mf-bench-{uuid.uuid4().hex[:6]}", image=images.IMAGE_TRANSFORMERS,
+            spec = ContainerSpec(name=f"mf-bench-{uuid.uuid4().hex[:6]}", image=content.IMAGE_TRANSFORMERS,
                                  command=None, environment={}, labels={"modelfleet.managed": "true"}, port=8080,
                                  cpus=1.0, memory=2 * 2**30,
                                  volumes={str(model_dir): {"bind": "/model", "mode": "ro"}})

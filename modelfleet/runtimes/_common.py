@@ -1,6 +1,9 @@
-"""Pieces shared by the runtime servers: settings from the environment, readiness, the model thread.
+"""Pieces shared by the runtime servers: settings from the environment, readiness, the model thread,
+the load -> warm-up -> ready sequence, the health check and the size-limited request body.
 
 Imports only the standard library, starlette and uvicorn (the servers import torch themselves).
+What the daemon tells a container (model directory, names, port) is read through
+``modelfleet.runtimes.contract``; the variables here are the servers' own tuning knobs.
 """
 
 from __future__ import annotations
@@ -21,22 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from starlette.requests import Request
 from starlette.responses import Response
+
+from modelfleet.runtimes.contract import ContractError, RuntimeEnvironment
 
 T = TypeVar("T")
 
 log = logging.getLogger("modelfleet.runtime")
 
-# Environment variables every runtime understands (documented in README/DESIGN).
-ENV_MODEL_DIR = "MODEL_DIR"  # where the model is mounted (read-only); default /model
-ENV_PORT = "PORT"  # listen port; default 8080
+# The servers' own settings (not set by the daemon; a manifest's runtime.env may set them).
 ENV_HOST = "HOST"  # listen address; default 0.0.0.0
 ENV_WARMUP = "MODELFLEET_WARMUP"  # "0" skips the warm-up call (readiness = loaded)
 ENV_QUEUE_SIZE = "MODELFLEET_QUEUE_SIZE"  # requests waiting for the model before 503; default 100
 ENV_STUCK_SECONDS = "MODELFLEET_STUCK_SECONDS"  # one call running longer -> not ready; default 600
 ENV_LOG_LEVEL = "MODELFLEET_LOG_LEVEL"  # default info
-DEFAULT_MODEL_DIR = "/model"
-DEFAULT_PORT = 8080
 
 
 def env_str(name: str, default: str) -> str:
@@ -71,8 +73,13 @@ def env_bool(name: str, default: bool) -> bool:
     return raw not in ("0", "false", "no", "off")
 
 
-def model_dir_from_env() -> Path:
-    return Path(env_str(ENV_MODEL_DIR, DEFAULT_MODEL_DIR))
+def contract_from_env() -> RuntimeEnvironment:
+    """What the daemon told this container (``modelfleet.runtimes.contract``); a bad value exits
+    with the message naming the variable."""
+    try:
+        return RuntimeEnvironment.from_env(os.environ)
+    except ContractError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def check_readable(path: Path, limit: int = 10_000) -> None:
@@ -250,6 +257,106 @@ class ModelThread:
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    @classmethod
+    def from_env(cls) -> ModelThread:
+        return cls(env_int(ENV_QUEUE_SIZE, 100), env_float(ENV_STUCK_SECONDS, 600.0))
+
+
+# --------------------------------------------------------------------------- load, warm up, ready
+
+
+class WarmupRejected(Exception):
+    """The warm-up call ran but its answer is not acceptable; the message (used as is) says why."""
+
+
+async def load_then_warm(thread: ModelThread, readiness: Readiness, load: Callable[[], T],
+                         warm: Callable[[T], None] | None, *, warmup_timeout: float | None = None) -> None:
+    """The startup of a runtime: ``load()`` on the model thread, then one ``warm(loaded)`` call
+    through the model (``warm`` None: warm-up disabled), then READY.
+
+    Never raises: a load failure, a warm-up exception or WarmupRejected, or a warm-up running
+    beyond ``warmup_timeout`` seconds leave the runtime FAILED with the reason in
+    ``readiness.message`` (the health check shows it; the process stays up to say so).
+    ``load`` publishes what it loaded itself (requests may reach it during the warm-up).
+    """
+    t0 = time.monotonic()
+    try:
+        loaded = await thread.run(load, bypass_limit=True)
+    except Exception as exc:
+        log.exception("loading the model failed")
+        readiness.set(Phase.FAILED, f"loading the model failed: {type(exc).__name__}: {exc}")
+        return
+    readiness.load_seconds = time.monotonic() - t0
+    log.info("model loaded in %.2f s", readiness.load_seconds)
+    if warm is None:
+        readiness.set(Phase.READY, "loaded (warm-up disabled)")
+        return
+    readiness.set(Phase.WARMING, "warm-up call running")
+    try:
+        call = thread.run(lambda: warm(loaded), bypass_limit=True)
+        await (asyncio.wait_for(call, warmup_timeout) if warmup_timeout else call)
+    except TimeoutError:
+        readiness.set(Phase.FAILED, f"the warm-up call did not answer within {warmup_timeout:.0f} s")
+        return
+    except WarmupRejected as exc:
+        readiness.set(Phase.FAILED, str(exc))
+        return
+    except Exception as exc:
+        log.exception("the warm-up call failed")
+        readiness.set(Phase.FAILED, f"the warm-up call failed: {type(exc).__name__}: {exc}")
+        return
+    readiness.set(Phase.READY, "model answers")
+    log.info("ready: the model answers (%.2f s after start)", time.monotonic() - t0)
+
+
+@dataclass(frozen=True)
+class Health:
+    healthy: bool
+    phase: Phase
+    message: str
+
+
+def check_health(readiness: Readiness, thread: ModelThread) -> Health:
+    """Healthy = READY and no model call stuck beyond ``thread.stuck_seconds``."""
+    if readiness.ready and not thread.stuck():
+        return Health(True, readiness.phase, readiness.message)
+    message = readiness.message
+    if readiness.ready:
+        message = f"a model call has been running for more than {thread.stuck_seconds:.0f} s"
+    return Health(False, readiness.phase, message)
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+class BodyTooLarge(Exception):
+    """The request body is larger than the server accepts."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request larger than {limit} bytes")
+        self.limit = limit
+
+
+def reject_declared_oversize(request: Request, limit: int) -> None:
+    """BodyTooLarge when the Content-Length says more than ``limit`` (nothing read yet)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, at most ``limit`` bytes: BodyTooLarge as soon as it is exceeded, before
+    reading on (a chunked body declares no length)."""
+    reject_declared_oversize(request, limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
 
 def json_response(payload: Any, status: int = 200, indent: int | None = None,
                   headers: dict[str, str] | None = None) -> Response:
@@ -268,12 +375,11 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def run_server(app: Any, name: str) -> None:
-    """Serve ``app`` with uvicorn on HOST:PORT: one process, one event loop."""
+def run_server(app: Any, name: str, port: int) -> None:
+    """Serve ``app`` with uvicorn on HOST:``port``: one process, one event loop."""
     import uvicorn
 
     host = env_str(ENV_HOST, "0.0.0.0")
-    port = env_int(ENV_PORT, DEFAULT_PORT)
     log.info("%s listening on %s:%d", name, host, port)
     config = uvicorn.Config(
         app,

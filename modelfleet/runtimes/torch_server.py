@@ -7,11 +7,18 @@ TorchServe inference API on one port (default 8080) without TorchServe's Java fr
                                                  500 {"status": "Unhealthy", "message": ...} before
     POST /predictions/<model>[/<version>]     -> the handler's per-request output
     POST /explanations/<model>[/<version>]    -> same, with the "explain" request header set
-    GET  /models                              -> the model this server holds
+    GET  /models                              -> the model this server holds (management API's list)
+    GET  /models/<model>[/<version>|/all]     -> the management API's describe: a list of one
+                                                 {"modelName", "modelVersion", "modelUrl", "workers",
+                                                 "jobQueueStatus", ...} plus "modelfleet": which
+                                                 deployment and artifact this is (from the daemon)
 
-The archive is found under ``MODEL_DIR`` (default ``/model``, mounted read-only): a single
-``*.mar`` there (or ``MODEL_FILE`` names it; ``MODEL_DIR`` may also be the archive itself or an
-already extracted archive). It is extracted into a writable temporary directory
+What the daemon says about the model comes through ``modelfleet.runtimes.contract``. The
+archive is ``MODELFLEET_MODEL_ARCHIVE`` when set (absolute, or relative to the model directory),
+else the single ``*.mar`` under ``MODELFLEET_MODEL_DIR`` (default ``/model``, mounted read-only;
+it may also be the archive itself or an already extracted archive); ``MODELFLEET_MODEL_NAME``
+renames the model (default: the manifest's ``modelName``). The older ``MODEL_DIR``,
+``MODEL_FILE`` and ``MODEL_NAME`` still work. It is extracted into a writable temporary directory
 (``MODELFLEET_WORK_DIR``, default the system temp dir), ``MAR-INF/MANIFEST.json`` is read, and the
 handler is loaded with TorchServe's own contract, reusing the ``ts`` package of the PyPI
 ``torchserve`` wheel: a custom handler module from the archive (a class with
@@ -72,29 +79,32 @@ from starlette.routing import Route
 
 from modelfleet.runtimes import RUNTIME_VERSION
 from modelfleet.runtimes._common import (
-    ENV_QUEUE_SIZE,
-    ENV_STUCK_SECONDS,
     ENV_WARMUP,
+    BodyTooLarge,
     ModelThread,
     Phase,
     QueueFull,
     Readiness,
+    WarmupRejected,
+    check_health,
     check_readable,
     configure_torch_threads,
+    contract_from_env,
     env_bool,
     env_float,
     env_int,
     env_str,
     json_response,
-    model_dir_from_env,
+    load_then_warm,
+    read_body,
+    reject_declared_oversize,
     run_server,
     setup_logging,
 )
+from modelfleet.runtimes.contract import ENV_MODEL_ARCHIVE, LEGACY_NAMES, RuntimeEnvironment
 
 log = logging.getLogger("modelfleet.runtime.torch")
 
-ENV_MODEL_FILE = "MODEL_FILE"
-ENV_MODEL_NAME = "MODEL_NAME"
 ENV_WORK_DIR = "MODELFLEET_WORK_DIR"
 ENV_WARMUP_FILE = "MODELFLEET_WARMUP_FILE"
 ENV_WARMUP_BODY = "MODELFLEET_WARMUP_BODY"
@@ -123,7 +133,7 @@ def find_archive(model_dir: Path, model_file: str | None = None) -> Path:
         path = Path(model_file)
         path = path if path.is_absolute() else model_dir / path
         if not path.exists():
-            raise ArchiveError(f"{ENV_MODEL_FILE}={model_file}: {path} does not exist")
+            raise ArchiveError(f"the model archive {model_file} ({ENV_MODEL_ARCHIVE}): {path} does not exist")
         return path
     if model_dir.is_file():
         return model_dir
@@ -140,7 +150,8 @@ def find_archive(model_dir: Path, model_file: str | None = None) -> Path:
         found = ", ".join(sorted(p.name for p in model_dir.iterdir())[:10]) or "nothing"
         raise ArchiveError(f"no *.mar archive in {model_dir} (found: {found})")
     names = ", ".join(str(p.relative_to(model_dir)) for p in archives)
-    raise ArchiveError(f"several archives in {model_dir} ({names}): set {ENV_MODEL_FILE} to one of them")
+    raise ArchiveError(f"several archives in {model_dir} ({names}): set {ENV_MODEL_ARCHIVE} "
+                       f"(or {LEGACY_NAMES[ENV_MODEL_ARCHIVE]}) to one of them")
 
 
 def _safe_target(root: Path, member: str) -> Path:
@@ -486,74 +497,56 @@ class TorchRuntime:
 
     def __init__(self, model_dir: Path | None = None, *, work_root: Path | None = None,
                  model_file: str | None = None, model_name: str | None = None,
-                 warmup: bool | None = None) -> None:
-        self.model_dir = model_dir or model_dir_from_env()
+                 warmup: bool | None = None, environment: RuntimeEnvironment | None = None) -> None:
+        """Settings from ``environment`` (default: this process's, through the contract); the
+        keyword arguments override them (tests)."""
+        self.environment = environment if environment is not None else contract_from_env()
+        self.model_dir = model_dir or Path(self.environment.model_path)
         self.work_root = work_root or Path(env_str(ENV_WORK_DIR, tempfile.gettempdir()))
-        self.model_file = model_file if model_file is not None else (os.environ.get(ENV_MODEL_FILE) or None)
-        self.model_name = model_name if model_name is not None else (os.environ.get(ENV_MODEL_NAME) or None)
+        self.model_file = model_file if model_file is not None else self.environment.model_archive
+        self.model_name = model_name if model_name is not None else self.environment.model_name
         self.warmup = env_bool(ENV_WARMUP, True) if warmup is None else warmup
         self.warmup_timeout = env_float(ENV_WARMUP_TIMEOUT, 300.0)
         self.max_request_size = env_int(ENV_MAX_REQUEST_SIZE, DEFAULT_MAX_REQUEST_SIZE)
         self.readiness = Readiness()
-        self.thread = ModelThread(env_int(ENV_QUEUE_SIZE, 100), env_float(ENV_STUCK_SECONDS, 600.0))
+        self.thread = ModelThread.from_env()
         self.model: LoadedModel | None = None
+        self.started_at = time.time()
         self._load_task: asyncio.Task[None] | None = None
 
     # -- loading
 
     def _load(self) -> LoadedModel:
         configure_torch_threads()
-        return open_model(self.model_dir, self.work_root, self.model_file, self.model_name)
+        model = open_model(self.model_dir, self.work_root, self.model_file, self.model_name)
+        self.model = model  # requests may reach it while it warms up
+        log.info("model %s version %s", model.name, model.version)
+        return model
 
-    async def load(self) -> None:
-        """Load, then warm up; readiness follows. Never raises: failures make the runtime unready."""
-        t0 = time.monotonic()
-        try:
-            self.model = await self.thread.run(self._load, bypass_limit=True)
-        except Exception as exc:
-            log.exception("loading the model failed")
-            self.readiness.set(Phase.FAILED, f"loading the model failed: {type(exc).__name__}: {exc}")
-            return
-        model = self.model
-        self.readiness.load_seconds = time.monotonic() - t0
-        log.info("model %s version %s loaded in %.2f s", model.name, model.version, self.readiness.load_seconds)
-        if not self.warmup:
-            self.readiness.set(Phase.READY, "loaded (warm-up disabled)")
-            return
-        self.readiness.set(Phase.WARMING, "warm-up call running")
-        try:
-            sample = warmup_sample(model.model_dir)
-            prediction = await asyncio.wait_for(
-                self.thread.run(lambda: model.predict(sample.row, sample.param_types, [], "warmup"),
-                                bypass_limit=True),
-                self.warmup_timeout,
-            )
-        except TimeoutError:
-            self.readiness.set(Phase.FAILED, f"the warm-up call did not answer within {self.warmup_timeout:.0f} s")
-            return
-        except Exception as exc:
-            self.readiness.set(Phase.FAILED, f"warm-up failed: {type(exc).__name__}: {exc}")
-            return
+    def _warm(self, model: LoadedModel) -> None:
+        """One call with the warm-up sample; a sample given by the user must be answered."""
+        sample = warmup_sample(model.model_dir)
+        prediction = model.predict(sample.row, sample.param_types, [], "warmup")
         if prediction.error_type is not None and sample.required:
             message = prediction.headers.get("x-error-message", "")
-            self.readiness.set(Phase.FAILED, f"the warm-up request failed: {prediction.status} {message}")
-            return
+            raise WarmupRejected(f"the warm-up request failed: {prediction.status} {message}")
         if prediction.error_type is not None:
             log.info("warm-up without a sample input (ship %s in the archive for a real check): the handler "
                      "ran and rejected the empty body (%s); counted as an answer", DEFAULT_WARMUP_FILE,
                      prediction.status)
-        self.readiness.set(Phase.READY, "model answers")
-        log.info("ready: model %s answers (%.2f s after start)", model.name, time.monotonic() - t0)
+
+    async def load(self) -> None:
+        """Load, then warm up; readiness follows. Never raises: failures make the runtime unready."""
+        await load_then_warm(self.thread, self.readiness, self._load, self._warm if self.warmup else None,
+                             warmup_timeout=self.warmup_timeout)
 
     # -- routes
 
     async def ping(self, request: Request) -> Response:
-        if self.readiness.ready and not self.thread.stuck():
+        health = check_health(self.readiness, self.thread)
+        if health.healthy:
             return json_response({"status": "Healthy"}, 200, indent=2)
-        message = self.readiness.message
-        if self.readiness.ready:
-            message = f"a model call has been running for more than {self.thread.stuck_seconds:.0f} s"
-        return json_response({"status": "Unhealthy", "phase": self.readiness.phase.value, "message": message},
+        return json_response({"status": "Unhealthy", "phase": health.phase.value, "message": health.message},
                              500, indent=2)
 
     async def list_models(self, request: Request) -> Response:
@@ -562,13 +555,9 @@ class TorchRuntime:
             models.append({"modelName": self.model.name, "modelUrl": self.model.name + ".mar"})
         return json_response({"models": models}, 200, indent=2)
 
-    async def predictions(self, request: Request) -> Response:
-        return await self._infer(request, explain=False)
-
-    async def explanations(self, request: Request) -> Response:
-        return await self._infer(request, explain=True)
-
-    async def _infer(self, request: Request, *, explain: bool) -> Response:
+    def _find_model(self, request: Request, *, any_version: str | None = None) -> LoadedModel | Response:
+        """The model the path names (``{model}``, ``{version}``), or TorchServe's error for it.
+        ``any_version``: a version word that means every version (describe's ``all``)."""
         name = request.path_params["model"]
         version = request.path_params.get("version")
         model = self.model
@@ -577,15 +566,48 @@ class TorchRuntime:
                             f"Model \"{name}\" is not available: {self.readiness.message}")
         if name != model.name:
             return ts_error(404, "ModelNotFoundException", f"Model not found: {name}")
-        if version is not None and version != model.version:
+        if version is not None and version not in (model.version, any_version):
             return ts_error(404, "ModelVersionNotFoundException",
                             f"Model version: {version} does not exist for model: {name}")
+        return model
+
+    async def describe_model(self, request: Request) -> Response:
+        """TorchServe's management API ``GET /models/<name>[/<version>|/all]``: one worker (this
+        process), no batching; ``modelfleet`` says which deployment and artifact this is."""
+        model = self._find_model(request, any_version="all")
+        if isinstance(model, Response):
+            return model
+        status = {Phase.READY: "READY", Phase.FAILED: "UNLOADING"}.get(self.readiness.phase, "LOADING")
+        worker = {"id": "9000", "startTime": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(self.started_at)),
+                  "status": status, "memoryUsage": _resident_bytes(), "pid": os.getpid(), "gpu": False,
+                  "gpuUsage": "N/A"}
+        description = {
+            "modelName": model.name, "modelVersion": model.version, "modelUrl": model.name + ".mar",
+            "runtime": "python", "minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 100,
+            "loadedAtStartup": True, "workers": [worker],
+            "jobQueueStatus": {"remainingCapacity": max(0, self.thread.queue_size - self.thread.pending),
+                               "pendingRequests": self.thread.pending},
+            "modelfleet": self.environment.provenance(),
+        }
+        return json_response([description], 200, indent=2)
+
+    async def predictions(self, request: Request) -> Response:
+        return await self._infer(request, explain=False)
+
+    async def explanations(self, request: Request) -> Response:
+        return await self._infer(request, explain=True)
+
+    async def _infer(self, request: Request, *, explain: bool) -> Response:
+        model = self._find_model(request)
+        if isinstance(model, Response):
+            return model
+        name = model.name
         if not self.readiness.ready and self.readiness.phase is not Phase.WARMING:
             return ts_error(503, "ServiceUnavailableException",
                             f"Model \"{name}\" has no worker to serve inference request: {self.readiness.message}")
         try:
             row, param_types = await self._parse(request)
-        except _TooLarge:
+        except BodyTooLarge:
             return ts_error(413, "RequestEntityTooLargeException",
                             f"request is larger than {self.max_request_size} bytes ({ENV_MAX_REQUEST_SIZE})")
         except ClientDisconnect:
@@ -609,19 +631,6 @@ class TorchRuntime:
         return Response(prediction.body, status_code=prediction.status, headers=headers_out,
                         media_type=prediction.content_type)
 
-    async def _read_body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_request_size:
-            raise _TooLarge
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_request_size:
-                raise _TooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def _parse(self, request: Request) -> tuple[dict[str, Any], dict[str, str | None]]:
         """The handler's input row, as TorchServe's frontend + worker build it."""
         row: dict[str, Any] = {}
@@ -632,9 +641,7 @@ class TorchRuntime:
         content_type = request.headers.get("content-type", "")
         mime = content_type.split(";", 1)[0].strip().lower()
         if mime in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            declared = request.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > self.max_request_size:
-                raise _TooLarge
+            reject_declared_oversize(request, self.max_request_size)
             try:
                 form = await request.form(max_part_size=self.max_request_size)
             except Exception as exc:  # malformed multipart
@@ -652,7 +659,7 @@ class TorchRuntime:
             finally:
                 await form.close()
         else:
-            body = await self._read_body(request)
+            body = await read_body(request, self.max_request_size)
             row["body"] = decode_value(body, mime)
             types["body"] = mime or None
         return row, types
@@ -681,6 +688,8 @@ class TorchRuntime:
         routes = [
             Route("/ping", self.ping, methods=["GET", "POST"]),
             Route("/models", self.list_models, methods=["GET"]),
+            Route("/models/{model}", self.describe_model, methods=["GET"]),
+            Route("/models/{model}/{version}", self.describe_model, methods=["GET"]),
             Route("/predictions/{model}", self.predictions, methods=methods),
             Route("/predictions/{model}/{version}", self.predictions, methods=methods),
             Route("/explanations/{model}", self.explanations, methods=methods),
@@ -692,8 +701,13 @@ class TorchRuntime:
         return app
 
 
-class _TooLarge(Exception):
-    pass
+def _resident_bytes() -> int:
+    """This process's resident memory (TorchServe's worker ``memoryUsage``); 0 where unknown."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def create_app(model_dir: Path | None = None, **kwargs: Any) -> Starlette:
@@ -708,7 +722,8 @@ def main() -> None:
         # parses them here, and the line costs ~0.1 ms a request. MODELFLEET_TS_METRICS_LOG=1 keeps them.
         logging.getLogger("ts.metrics").setLevel(logging.WARNING)
     log.info("modelfleet torch runtime %s", RUNTIME_VERSION)
-    run_server(create_app(), "torch runtime")
+    environment = contract_from_env()
+    run_server(create_app(environment=environment), "torch runtime", environment.listen_port)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """HuggingFace model server (the ``transformers`` runtime): embeddings, classification, generation,
-and diffusers pipelines, from a model snapshot mounted read-only at ``MODEL_DIR`` (default /model).
+and diffusers pipelines, from a model snapshot mounted read-only at ``MODELFLEET_MODEL_DIR``
+(default /model; the older ``MODEL_DIR`` still works). What the daemon says about the model
+(``MODELFLEET_MODEL_ID``, ``MODELFLEET_HF_COMMIT``, ...) comes through ``modelfleet.runtimes.contract``.
 
 Run inside the runtime image as ``python -m modelfleet.runtimes.transformers_server``. Offline
 only: HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 are set and everything loads with
@@ -15,7 +17,8 @@ classification, ``*ForCausalLM``/``*LMHeadModel`` -> generation; the model card'
 Endpoints (all on one port, default 8080):
 
     GET  /health                 200 {"status": "ok"} once loaded AND warm; 503 before / on failure
-    GET  /info                   model id, task, dtype, limits, pooling, labels, ...
+    GET  /info                   model id, task, dtype, limits, pooling, labels, ...; TEI's "model_sha"
+                                 (the commit) and "modelfleet": which deployment and artifact this is
     GET  /v1/models              OpenAI-style model list
     POST /v1/embeddings          OpenAI: {"input": str|[str], "model"?, "encoding_format"?: "float"|"base64",
                                  "dimensions"?} -> {"object": "list", "data": [{"object": "embedding",
@@ -72,29 +75,30 @@ from starlette.routing import Route
 
 from modelfleet.runtimes import RUNTIME_VERSION
 from modelfleet.runtimes._common import (
-    ENV_QUEUE_SIZE,
-    ENV_STUCK_SECONDS,
     ENV_WARMUP,
+    BodyTooLarge,
     ModelThread,
     Phase,
     QueueFull,
     Readiness,
+    check_health,
     check_readable,
     configure_torch_threads,
+    contract_from_env,
     env_bool,
-    env_float,
     env_int,
     json_response,
-    model_dir_from_env,
+    load_then_warm,
+    read_body,
     run_server,
     set_offline,
     setup_logging,
 )
+from modelfleet.runtimes.contract import RuntimeEnvironment
 
 log = logging.getLogger("modelfleet.runtime.transformers")
 
 ENV_TASK = "MODELFLEET_TASK"
-ENV_MODEL_ID = "MODEL_ID"  # the name reported by /info and the OpenAI routes (e.g. org/name)
 ENV_DTYPE = "MODELFLEET_DTYPE"  # float32 (default on CPU), bfloat16, float16
 ENV_MAX_INPUTS = "MODELFLEET_MAX_CLIENT_BATCH"  # inputs per embeddings/classify request; default 256
 ENV_BATCH_SIZE = "MODELFLEET_BATCH_SIZE"  # inputs per forward pass; default 32
@@ -603,18 +607,21 @@ def _as_inputs(value: Any, field_name: str) -> tuple[list[str], bool]:
 
 class TransformersRuntime:
     def __init__(self, model_dir: Path | None = None, *, task: str | None = None, warmup: bool | None = None,
-                 model_id: str | None = None) -> None:
+                 model_id: str | None = None, environment: RuntimeEnvironment | None = None) -> None:
+        """Settings from ``environment`` (default: this process's, through the contract); the
+        keyword arguments override them (tests)."""
         set_offline()
-        self.model_dir = model_dir or model_dir_from_env()
+        self.environment = environment if environment is not None else contract_from_env()
+        self.model_dir = model_dir or Path(self.environment.model_path)
         self.explicit_task = task if task is not None else (os.environ.get(ENV_TASK) or None)
-        self.model_id = model_id or os.environ.get(ENV_MODEL_ID) or self.model_dir.name or "model"
+        self.model_id = model_id or self.environment.model_id or self.model_dir.name or "model"
         self.warmup = env_bool(ENV_WARMUP, True) if warmup is None else warmup
         self.max_inputs = env_int(ENV_MAX_INPUTS, 256)
         self.batch_size = env_int(ENV_BATCH_SIZE, 32)
         self.max_new_tokens_cap = env_int(ENV_MAX_NEW_TOKENS, 2048)
         self.max_request_size = env_int(ENV_MAX_REQUEST_SIZE, 16 * 2**20)
         self.readiness = Readiness()
-        self.thread = ModelThread(env_int(ENV_QUEUE_SIZE, 100), env_float(ENV_STUCK_SECONDS, 600.0))
+        self.thread = ModelThread.from_env()
         self.task: str | None = None
         self.task_reason = ""
         self.dtype_name = os.environ.get(ENV_DTYPE) or "float32"
@@ -641,7 +648,7 @@ class TransformersRuntime:
             self.images = ImageGenerator(self.model_dir, dtype)
         self.task, self.task_reason = task, reason
 
-    def _warm(self) -> None:
+    def _warm(self, _loaded: None) -> None:
         if self.embedder is not None:
             self.embedder.encode(["warm-up"], normalize=True)
         elif self.classifier is not None:
@@ -652,40 +659,16 @@ class TransformersRuntime:
             self.images.generate("warm-up", steps=1, width=64, height=64, seed=0)
 
     async def load(self) -> None:
-        t0 = time.monotonic()
-        try:
-            await self.thread.run(self._load, bypass_limit=True)
-        except Exception as exc:
-            log.exception("loading the model failed")
-            self.readiness.set(Phase.FAILED, f"loading the model failed: {type(exc).__name__}: {exc}")
-            return
-        self.readiness.load_seconds = time.monotonic() - t0
-        log.info("loaded in %.2f s", self.readiness.load_seconds)
-        if self.warmup:
-            self.readiness.set(Phase.WARMING, "warm-up call running")
-            try:
-                await self.thread.run(self._warm, bypass_limit=True)
-            except Exception as exc:
-                log.exception("the warm-up call failed")
-                self.readiness.set(Phase.FAILED, f"the warm-up call failed: {type(exc).__name__}: {exc}")
-                return
-        self.readiness.set(Phase.READY, "model answers")
-        log.info("ready (%.2f s after start)", time.monotonic() - t0)
+        """Load, then warm up; readiness follows. Never raises: failures make the runtime unready."""
+        await load_then_warm(self.thread, self.readiness, self._load, self._warm if self.warmup else None)
 
     # -- helpers
 
     async def _json(self, request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_request_size:
-            raise ApiError(413, f"request larger than {self.max_request_size} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_request_size:
-                raise ApiError(413, f"request larger than {self.max_request_size} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
+        try:
+            body = await read_body(request, self.max_request_size)
+        except BodyTooLarge as exc:
+            raise ApiError(413, str(exc)) from None
         try:
             payload = json.loads(body or b"null")
         except ValueError as exc:
@@ -715,16 +698,15 @@ class TransformersRuntime:
     # -- routes
 
     async def health(self, request: Request) -> Response:
-        if self.readiness.ready and not self.thread.stuck():
+        health = check_health(self.readiness, self.thread)
+        if health.healthy:
             return json_response({"status": "ok"})
-        message = self.readiness.message
-        if self.readiness.ready:
-            message = f"a model call has been running for more than {self.thread.stuck_seconds:.0f} s"
-        return json_response({"status": self.readiness.phase.value, "message": message}, 503)
+        return json_response({"status": health.phase.value, "message": health.message}, 503)
 
     async def info(self, request: Request) -> Response:
         info: dict[str, Any] = {
             "model_id": self.model_id,
+            "model_sha": self.environment.hf_commit,  # TEI/TGI's name for the commit
             "model_dir": str(self.model_dir),
             "runtime": "modelfleet-transformers",
             "version": RUNTIME_VERSION,
@@ -734,6 +716,7 @@ class TransformersRuntime:
             "status": self.readiness.phase.value,
             "load_seconds": self.readiness.load_seconds,
             "max_client_batch_size": self.max_inputs,
+            "modelfleet": self.environment.provenance(),
         }
         if self.embedder is not None:
             info.update(max_input_length=self.embedder.max_length, pooling=self.embedder.pooling.mode,
@@ -1051,7 +1034,8 @@ def main() -> None:
     setup_logging()
     set_offline()
     log.info("modelfleet transformers runtime %s", RUNTIME_VERSION)
-    run_server(create_app(), "transformers runtime")
+    environment = contract_from_env()
+    run_server(create_app(environment=environment), "transformers runtime", environment.listen_port)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from netns_hosts import TestHost
 
-from modelfleet.runtimes import images
+from modelfleet.reconciler.images import build
 from tests.integration.fleet import API, BASE_MANIFESTS, Fleet, make_fleet, running
 from tests.reconciler.artifacts.hub_standin import FAKE_COMMIT, HubStandin, minilm_repos
 from tests.runtimes import mar_builder
@@ -32,8 +32,8 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 def runtime_hosts(docker_hosts: list[TestHost]) -> list[TestHost]:
     """The two EU test hosts (where production may run) with the runtime images."""
     hosts = docker_hosts[:2]
-    cache_dir = Path(os.environ.get("MODELFLEET_CACHE_DIR") or images.DEFAULT_CACHE_DIR)
-    report = images.build_runtime_images([h.docker_url for h in hosts], base_image="local", cache_dir=cache_dir,
+    cache_dir = Path(os.environ.get("MODELFLEET_CACHE_DIR") or build.DEFAULT_CACHE_DIR)
+    report = build.build_runtime_images([h.docker_url for h in hosts], base_image="local", cache_dir=cache_dir,
                                          progress=False)
     print("\n" + report.summary())
     return docker_hosts
@@ -89,7 +89,7 @@ def wait_model(fleet: Fleet, name: str, replicas: int = 1, revision: str | None 
 def predict(fleet: Fleet, name: str, archive_model: str, inputs: list[float],
             client: httpx.Client | None = None) -> httpx.Response:
     url = f"http://127.0.0.1:{fleet.gateway_port}/models/{name}/predictions/{archive_model}"
-    return (client or httpx).post(url, json={"inputs": inputs}, timeout=30)  # type: ignore[attr-defined]
+    return (client or httpx).post(url, json={"inputs": inputs}, timeout=30)
 
 
 def expected_logits(seed: int, inputs: list[float]) -> list[float]:

@@ -1,6 +1,7 @@
 """The runtime images on a real Docker host: built (or loaded from the cache), then run the way the
 reconciler runs them (docker_pool.HostClient: cap_drop ALL, no-new-privileges, init, CPU/memory
-limits, the model mounted read-only at /model), answering real requests.
+limits, the model mounted read-only at /model), answering real requests; and run by the daemon
+itself, reporting the model and deployment the daemon told them (the runtime contract).
 
 The image build is the expensive part: the rootfs, the wheelhouse and the built image (a
 ``docker save`` tarball) are cached in ``$MODELFLEET_CACHE_DIR`` (default /var/cache/modelfleet),
@@ -22,10 +23,13 @@ from typing import Any
 import httpx
 import pytest
 
+from modelfleet.reconciler.images import build, content
 from modelfleet.reconciler.pool.adapter import ContainerSpec, HostClient
-from modelfleet.runtimes import images
+from modelfleet.runtimes.contract import RuntimeEnvironment
 from modelfleet.state.pool import Host
 from tests.integration.conftest import remove_managed_containers
+from tests.integration.fleet import API, make_fleet, running
+from tests.reconciler.artifacts.hub_standin import FAKE_COMMIT, HubStandin, minilm_repos
 from tests.runtimes import hf_builder, mar_builder
 
 pytest.importorskip("torch", reason="runtime tests need the runtime extras (pip install -e '.[dev]')")
@@ -37,8 +41,8 @@ READY_TIMEOUT = 180.0
 def runtime_host(docker_hosts: list[Any]) -> Iterator[Any]:
     """The first test host, with the runtime images (built once, then loaded from the cache)."""
     host = docker_hosts[0]
-    cache_dir = Path(os.environ.get("MODELFLEET_CACHE_DIR") or images.DEFAULT_CACHE_DIR)
-    report = images.build_runtime_images([host.docker_url], base_image="local", cache_dir=cache_dir, progress=False)
+    cache_dir = Path(os.environ.get("MODELFLEET_CACHE_DIR") or build.DEFAULT_CACHE_DIR)
+    report = build.build_runtime_images([host.docker_url], base_image="local", cache_dir=cache_dir, progress=False)
     print("\n" + report.summary())
     yield host
 
@@ -115,17 +119,17 @@ def exec_in(runtime_host: Any, container_id: str, cmd: list[str]) -> tuple[int, 
 def test_images_are_unprivileged_and_labelled(runtime_host: Any) -> None:
     docker_client = runtime_host.client()
     try:
-        for kind, name in images.RUNTIME_IMAGES.items():
+        for kind, name in content.RUNTIME_IMAGES.items():
             config = docker_client.api.inspect_image(name)["Config"]
-            assert config["User"] == images.RUNTIME_USER
-            assert config["Labels"][images.LABEL_RUNTIME] == kind
-            assert config["Labels"][images.LABEL_CONTENT_HASH]
-            assert config["Entrypoint"][-1] == images.ENTRY_MODULES[kind]
+            assert config["User"] == content.RUNTIME_USER
+            assert config["Labels"][content.LABEL_RUNTIME] == kind
+            assert config["Labels"][content.LABEL_CONTENT_HASH]
+            assert config["Entrypoint"][-1] == content.ENTRY_MODULES[kind]
             assert "8080/tcp" in config["ExposedPorts"]
     finally:
         docker_client.close()
     # A second build is a no-op: same content hash already on the host.
-    report = images.build_runtime_images([runtime_host.docker_url], base_image="local", progress=False)
+    report = build.build_runtime_images([runtime_host.docker_url], base_image="local", progress=False)
     assert [h.action for h in report.hosts] == ["present"]
 
 
@@ -133,7 +137,7 @@ def test_torch_runtime_serves_a_mar(runtime_host: Any, pool_client: HostClient, 
     mar = mar_builder.build_eager_mar(model_volume / "build")
     shutil.copy(mar, model_volume / "tiny.mar")
     shutil.rmtree(model_volume / "build")
-    container_id, port = start(pool_client, images.IMAGE_TORCH, model_volume)
+    container_id, port = start(pool_client, content.IMAGE_TORCH, model_volume)
     url = runtime_host.url(port)
     wait_ready(url + "ping", pool_client, container_id)
     assert httpx.get(url + "ping").json() == {"status": "Healthy"}
@@ -153,7 +157,7 @@ def test_torch_runtime_serves_a_mar(runtime_host: Any, pool_client: HostClient, 
 
     # The container runs as the reconciler starts it: unprivileged, no capabilities, read-only model.
     data = inspect(runtime_host, container_id)
-    assert data["Config"]["User"] == images.RUNTIME_USER
+    assert data["Config"]["User"] == content.RUNTIME_USER
     assert data["HostConfig"]["CapDrop"] == ["ALL"]
     assert "no-new-privileges" in data["HostConfig"]["SecurityOpt"]
     assert data["HostConfig"]["Memory"] == 2 * 2**30 and data["HostConfig"]["NanoCpus"] == 10**9
@@ -168,7 +172,7 @@ def test_torch_runtime_serves_a_mar(runtime_host: Any, pool_client: HostClient, 
 def test_transformers_runtime_serves_minilm(runtime_host: Any, pool_client: HostClient, model_volume: Path) -> None:
     model_dir = hf_builder.copy_minilm(model_volume / "minilm")
     t0 = time.monotonic()
-    container_id, port = start(pool_client, images.IMAGE_TRANSFORMERS, model_dir,
+    container_id, port = start(pool_client, content.IMAGE_TRANSFORMERS, model_dir,
                                env={"MODEL_ID": "sentence-transformers/all-MiniLM-L6-v2"})
     url = runtime_host.url(port)
     wait_ready(url + "health", pool_client, container_id)
@@ -191,14 +195,14 @@ def test_transformers_runtime_serves_minilm(runtime_host: Any, pool_client: Host
     info = httpx.get(url + "info").json()
     assert info["task"] == "embeddings" and info["status"] == "ready"
     data = inspect(runtime_host, container_id)
-    assert data["Config"]["User"] == images.RUNTIME_USER and data["HostConfig"]["CapDrop"] == ["ALL"]
+    assert data["Config"]["User"] == content.RUNTIME_USER and data["HostConfig"]["CapDrop"] == ["ALL"]
     # Offline inside: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE come with the image.
     assert {"HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "MODEL_DIR=/model"} <= set(data["Config"]["Env"])
 
 
 def test_transformers_runtime_generates(runtime_host: Any, pool_client: HostClient, model_volume: Path) -> None:
     model_dir = hf_builder.build_tiny_causal_lm(model_volume / "lm")
-    container_id, port = start(pool_client, images.IMAGE_TRANSFORMERS, model_dir)
+    container_id, port = start(pool_client, content.IMAGE_TRANSFORMERS, model_dir)
     url = runtime_host.url(port)
     wait_ready(url + "health", pool_client, container_id)
     response = httpx.post(url + "v1/chat/completions", timeout=60,
@@ -213,7 +217,7 @@ def test_a_broken_model_is_never_ready(runtime_host: Any, pool_client: HostClien
     mar = mar_builder.build_failing_mar(model_volume / "build")
     shutil.copy(mar, model_volume / "broken.mar")
     shutil.rmtree(model_volume / "build")
-    _container_id, port = start(pool_client, images.IMAGE_TORCH, model_volume)
+    _container_id, port = start(pool_client, content.IMAGE_TORCH, model_volume)
     url = runtime_host.url(port)
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
@@ -233,7 +237,92 @@ def test_unreadable_model_files_are_named(runtime_host: Any, pool_client: HostCl
     """Weights written 0600 by root (save_pretrained does that) cannot be read by uid 65534: said clearly."""
     model_dir = hf_builder.build_tiny_causal_lm(model_volume / "lm")
     (model_dir / "model.safetensors").chmod(0o600)
-    container_id, port = start(pool_client, images.IMAGE_TRANSFORMERS, model_dir)
+    container_id, port = start(pool_client, content.IMAGE_TRANSFORMERS, model_dir)
     url = runtime_host.url(port)
     with pytest.raises(AssertionError, match=r"not readable by uid 65534.*model\.safetensors"):
         wait_ready(url + "health", pool_client, container_id, timeout=120)
+
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_the_runtimes_report_what_the_daemon_told_them(runtime_host: Any, clean_hosts: list[Any],
+                                                       tmp_path: Path) -> None:
+    """End to end through the daemon: a .mar (torch) and a HuggingFace model (transformers) deployed
+    on the host with the images; each running container says, through the gateway, which artifact,
+    model id, commit and deployment it serves: exactly what the daemon passed in its environment."""
+    repos, _ = minilm_repos()
+    with HubStandin(repos) as hub:
+        fleet = make_fleet(tmp_path, clean_hosts, rollout={"healthyDeadline": "180s"},
+                           integrations={"huggingface": {"endpoint": hub.url}})
+        # Only the first host has the runtime images: the environment runs on it alone.
+        fleet.push({
+            "environments.yaml": {"apiVersion": API, "kind": "Environment", "metadata": {"name": "production"},
+                                  "spec": {"policies": ["first-host"]}},
+            "policies.yaml": {"apiVersion": API, "kind": "Policy", "metadata": {"name": "first-host"},
+                              "spec": {"type": "location", "locations": [{"type": "location", "name": "paris-1"}]}},
+        }, "base")
+        with running(fleet):
+            mar = mar_builder.build_eager_mar(tmp_path / "mar", name="tiny", version="1.0")
+            uploaded = httpx.put(f"http://127.0.0.1:{fleet.api_port}/api/v1/artifacts?name=tiny.mar",
+                                 content=mar.read_bytes(), timeout=60, trust_env=False)
+            assert uploaded.status_code == 201, uploaded.text
+            digest = uploaded.json()["sha256"]
+            resources = {"cpus": 0.5, "memory": "1Gi"}  # both fit the host's 2Gi
+
+            def deployment(runtime: str, origin: dict[str, Any]) -> dict[str, Any]:
+                return {"deployments": [{"environment": "production", "replicas": 1, "origin": origin,
+                                         "runtime": {"type": runtime, "resources": resources}}]}
+
+            revision = fleet.push({
+                "models/tiny.yaml": {"apiVersion": API, "kind": "Model", "metadata": {"name": "tiny-model"},
+                                     "spec": deployment("torch", {"file": {"sha256": digest}})},
+                "models/minilm.yaml": {"apiVersion": API, "kind": "Model", "metadata": {"name": "minilm"},
+                                       "spec": deployment("transformers", {"huggingface": {"model": MINILM,
+                                                                                        "revision": "main"}})},
+            })
+
+            def both_ready() -> bool:
+                for name in ("tiny-model", "minilm"):
+                    d = fleet.deployment(name)
+                    if d.get("reason") in ("RolloutFailed", "InvalidManifest"):
+                        raise AssertionError(f"{name}: {d['message']}")
+                    if not (d.get("revision") == revision and d.get("state") == "success"
+                            and d.get("ready_replicas") == 1):
+                        return False
+                return fleet.routed()
+
+            fleet.wait(both_ready, 300, "both models ready")
+            gateway = f"http://127.0.0.1:{fleet.gateway_port}/models"
+
+            # torch: TorchServe's describe, with the deployment and artifact the daemon passed.
+            response = httpx.get(f"{gateway}/tiny-model/models/tiny", timeout=10, trust_env=False)
+            assert response.status_code == 200, response.text
+            [described] = response.json()
+            assert (described["modelName"], described["modelVersion"]) == ("tiny", "1.0")
+            assert described["modelfleet"] == {"model": "tiny-model", "environment": "production",
+                                               "artifact": digest, "model_id": None, "model_name": "tiny",
+                                               "hf_commit": None}
+            assert httpx.post(f"{gateway}/tiny-model/predictions/tiny", json={"inputs": [1, 2, 3, 4]},
+                              timeout=30, trust_env=False).status_code == 200
+
+            # transformers: TEI's /info, with the model id and the commit the branch resolved to.
+            info = httpx.get(f"{gateway}/minilm/info", timeout=10, trust_env=False).json()
+            assert (info["model_id"], info["model_sha"], info["model_dir"]) == (MINILM, FAKE_COMMIT, "/model")
+            assert info["modelfleet"] == {"model": "minilm", "environment": "production",
+                                          "artifact": f"hf:{MINILM}@{FAKE_COMMIT}", "model_id": MINILM,
+                                          "model_name": None, "hf_commit": FAKE_COMMIT}
+            embedded = httpx.post(f"{gateway}/minilm/v1/embeddings", json={"input": "hello"}, timeout=60,
+                                  trust_env=False)
+            assert embedded.status_code == 200 and embedded.json()["model"] == MINILM
+
+            # What they report is what their environment holds, in the contract's names.
+            replicas = [c for c in fleet.containers() if "modelfleet.model" in c["labels"]]
+            assert sorted(c["labels"]["modelfleet.model"] for c in replicas) == ["minilm", "tiny-model"]
+            for container in replicas:
+                env_list = inspect(runtime_host, container["id"])["Config"]["Env"]
+                env = dict(item.split("=", 1) for item in env_list)
+                told = RuntimeEnvironment.from_env(env)
+                assert told.deployment_model == container["labels"]["modelfleet.model"]
+                assert told.model_dir == "/model" and told.port == 8080
+                assert told.artifact in (digest, f"hf:{MINILM}@{FAKE_COMMIT}")

@@ -9,6 +9,7 @@ servers run in-process (uvicorn in a thread).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from modelfleet.runtimes.contract import RuntimeEnvironment
 
 
 def free_port() -> int:
@@ -54,13 +57,16 @@ def wait_ready(url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes] | 
 class TorchServer:
     """``python -m modelfleet.runtimes.torch_server`` on 127.0.0.1 for one model directory."""
 
-    def __init__(self, model_dir: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, model_dir: Path, log_path: Path, env: dict[str, str] | None = None,
+                 contract: RuntimeEnvironment | None = None) -> None:
+        """``contract``: what the daemon would tell the container (its model directory and port are
+        this server's); ``env``: more variables on top, as a manifest's runtime.env."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        full_env = {**os.environ, "MODEL_DIR": str(model_dir), "PORT": str(self.port), "HOST": "127.0.0.1",
-                    "MODELFLEET_WORK_DIR": str(log_path.parent / "work"), "OMP_NUM_THREADS": "1",
-                    **(env or {})}
+        told = dataclasses.replace(contract or RuntimeEnvironment(), model_dir=str(model_dir), port=self.port)
+        full_env = {**os.environ, "HOST": "127.0.0.1", "MODELFLEET_WORK_DIR": str(log_path.parent / "work"),
+                    "OMP_NUM_THREADS": "1", **told.merged_with(env or {})}
         repo = str(Path(__file__).resolve().parents[2])
         full_env["PYTHONPATH"] = repo + os.pathsep + full_env.get("PYTHONPATH", "")
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from modelfleet.runtimes import torch_server
+from modelfleet.runtimes.contract import RuntimeEnvironment
 from tests.runtimes import mar_builder
 from tests.runtimes.conftest import TorchServer
 
@@ -185,6 +186,50 @@ def test_models_listing(servers: dict[str, TorchServer]) -> None:
     server = servers["eager"]
     server.wait()
     assert httpx.get(f"{server.base}/models").json() == {"models": [{"modelName": "tiny", "modelUrl": "tiny.mar"}]}
+
+
+def test_describe_is_torchserves_management_answer(servers: dict[str, TorchServer]) -> None:
+    server = servers["eager"]
+    server.wait()
+    response = httpx.get(f"{server.base}/models/tiny")
+    assert response.status_code == 200 and response.text.startswith("[\n  {\n    ")  # TorchServe's indent 2
+    [description] = response.json()
+    assert {k: description[k] for k in ("modelName", "modelVersion", "modelUrl", "batchSize", "minWorkers")} == {
+        "modelName": "tiny", "modelVersion": "1.0", "modelUrl": "tiny.mar", "batchSize": 1, "minWorkers": 1}
+    [worker] = description["workers"]
+    assert worker["status"] == "READY" and worker["gpu"] is False and worker["memoryUsage"] > 10 * 2**20
+    assert worker["pid"] == server.proc.pid
+    assert description["jobQueueStatus"] == {"remainingCapacity": 100, "pendingRequests": 0}
+    # Started by hand, not by the daemon: nothing to report about a deployment.
+    assert set(description["modelfleet"].values()) == {None}
+    [by_version] = httpx.get(f"{server.base}/models/tiny/1.0").json()
+    by_version["workers"][0]["memoryUsage"] = worker["memoryUsage"]  # the only thing that moves
+    assert by_version == description
+    assert httpx.get(f"{server.base}/models/tiny/all").json()[0]["modelVersion"] == "1.0"
+    missing = httpx.get(f"{server.base}/models/nope")
+    assert missing.status_code == 404 and missing.json()["type"] == "ModelNotFoundException"
+    wrong = httpx.get(f"{server.base}/models/tiny/9.9")
+    assert wrong.status_code == 404 and wrong.json()["type"] == "ModelVersionNotFoundException"
+
+
+def test_the_server_reads_what_the_daemon_sets(archives: dict[str, Path], tmp_path: Path) -> None:
+    """The archive, name and provenance the daemon passes (runtime contract) are what it serves and
+    reports; a manifest's runtime.env may still rename the model with the older MODEL_NAME."""
+    (tmp_path / "tiny.mar").symlink_to(archives["eager"])
+    (tmp_path / "echo.mar").symlink_to(archives["function"])  # two archives: the contract picks one
+    told = RuntimeEnvironment(artifact="sha256:" + "b" * 64, model_archive="tiny.mar", model_name="tiny",
+                              deployment_model="tiny-model", deployment_environment="staging")
+    server = TorchServer(tmp_path, tmp_path / "server.log", env={"MODEL_NAME": "renamed"}, contract=told)
+    try:
+        assert server.wait().status_code == 200, server.log()
+        assert httpx.post(f"{server.base}/predictions/renamed", json={"inputs": X}).status_code == 200
+        assert httpx.post(f"{server.base}/predictions/tiny", json={"inputs": X}).status_code == 404
+        [description] = httpx.get(f"{server.base}/models/renamed").json()
+        assert description["modelfleet"] == {
+            "model": "tiny-model", "environment": "staging", "artifact": "sha256:" + "b" * 64, "model_id": None,
+            "model_name": "renamed", "hf_commit": None}
+    finally:
+        server.stop()
 
 
 def test_required_warmup_failure_is_unready(archives: dict[str, Path], tmp_path: Path) -> None:

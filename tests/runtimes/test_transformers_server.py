@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from modelfleet.runtimes import transformers_server as ts_mod
+from modelfleet.runtimes.contract import RuntimeEnvironment
 from modelfleet.runtimes.transformers_server import create_app, detect_task
 from tests.runtimes import hf_builder
 from tests.runtimes.conftest import InProcessServer, serve_in_process
@@ -138,6 +139,27 @@ def test_health_and_info(minilm: InProcessServer) -> None:
     assert info["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
     models = httpx.get(f"{minilm.base}/v1/models").json()
     assert models["data"][0]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_info_reports_what_the_daemon_set(lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model id and commit the daemon passes (runtime contract) are what the server reports."""
+    told = RuntimeEnvironment(model_dir=str(lm_dir), artifact="hf:org/tiny-lm@" + "c" * 40, model_id="org/tiny-lm",
+                              hf_commit="c" * 40, deployment_model="lm", deployment_environment="production",
+                              offline=True)
+    for name, value in told.to_env().items():
+        monkeypatch.setenv(name, value)
+    with serve_in_process(create_app()) as server:  # everything from the environment
+        assert server.wait("/health").status_code == 200
+        info = httpx.get(f"{server.base}/info").json()
+        assert (info["model_id"], info["model_sha"], info["model_dir"]) == ("org/tiny-lm", "c" * 40, str(lm_dir))
+        assert info["modelfleet"] == {"model": "lm", "environment": "production",
+                                      "artifact": "hf:org/tiny-lm@" + "c" * 40, "model_id": "org/tiny-lm",
+                                      "model_name": None, "hf_commit": "c" * 40}
+        assert httpx.get(f"{server.base}/v1/models").json()["data"][0]["id"] == "org/tiny-lm"
+    # The older MODEL_ID still names the model when the canonical variable is not set.
+    monkeypatch.delenv("MODELFLEET_MODEL_ID")
+    monkeypatch.setenv("MODEL_ID", "legacy/name")
+    assert ts_mod.TransformersRuntime().model_id == "legacy/name"
 
 
 # --------------------------------------------------------------------------- generation

@@ -59,6 +59,7 @@ from modelfleet.reconciler.artifacts.mar import MarInfo, validate_mar
 from modelfleet.reconciler.artifacts.store import ArtifactStore, normalize_digest
 from modelfleet.reconciler.errors import DockerOperationError, ImageMissing
 from modelfleet.reconciler.pool.adapter import HostClient
+from modelfleet.runtimes.contract import RuntimeEnvironment
 from modelfleet.state.desired import DesiredReplica
 from modelfleet.state.runtimes import MODEL_MOUNT
 
@@ -429,20 +430,24 @@ class ArtifactShipper:
             self._mar_info[digest] = info
         return info
 
-    def container_env(self, origin: Mapping[str, Any] | None) -> dict[str, str]:
-        """Environment variables suggested for a replica mounting the artifact at /model."""
+    def runtime_environment(self, origin: Mapping[str, Any] | None) -> RuntimeEnvironment:
+        """What a replica mounting the artifact at /model is told about it (the runtime contract)."""
         if not origin:
-            return {}
-        env = {"MODELFLEET_MODEL_DIR": MODEL_MOUNT, "MODELFLEET_ARTIFACT": artifact_id(origin)}
+            return RuntimeEnvironment()
+        artifact = artifact_id(origin)
         if origin.get("file"):
             info = self.mar_info(str(origin["file"]["sha256"]))
-            env.update(MODELFLEET_MODEL_ARCHIVE=f"{MODEL_MOUNT}/{info.model_name}.mar",
-                       MODELFLEET_MODEL_NAME=info.model_name)
-        else:
-            hf = origin["huggingface"]
-            env.update(MODELFLEET_HF_MODEL=str(hf["model"]), MODELFLEET_HF_COMMIT=str(hf.get("commit")),
-                       HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        return env
+            return RuntimeEnvironment(model_dir=MODEL_MOUNT, artifact=artifact,
+                                      model_archive=f"{MODEL_MOUNT}/{info.model_name}.mar",
+                                      model_name=info.model_name)
+        hf = origin["huggingface"]
+        commit = hf.get("commit")
+        return RuntimeEnvironment(model_dir=MODEL_MOUNT, artifact=artifact, model_id=str(hf["model"]),
+                                  hf_commit=str(commit) if commit else None, offline=True)
+
+    def container_env(self, origin: Mapping[str, Any] | None) -> dict[str, str]:
+        """``runtime_environment(origin)`` as variables (the Applier's ``origin_env`` hook)."""
+        return self.runtime_environment(origin).to_env()
 
     def ensure_on_host(self, client: HostClient, origin: Mapping[str, Any], image: str,
                        progress: Progress | None = None) -> str:

@@ -1,7 +1,7 @@
-"""`python -m modelfleet.reconciler.cli.main`."""
+"""`python -m modelfleet.reconciler.cli`."""
 
 import sys
 
-from modelfleet.reconciler.cli.main.main import main
+from modelfleet.reconciler.cli.main import main
 
 sys.exit(main())

@@ -21,7 +21,7 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 
 def add_runtimes_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``runtimes`` (with its ``build`` verb) on the main CLI's subparsers."""
-    from modelfleet.runtimes.images import DEFAULT_BASE_IMAGE, RUNTIME_IMAGES
+    from modelfleet.reconciler.images.content import DEFAULT_BASE_IMAGE, RUNTIME_IMAGES
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "runtimes", help="build the runtime images (torch, transformers) on the Docker hosts")
@@ -65,7 +65,7 @@ def cmd_runtimes(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from modelfleet.runtimes.images import ImageBuildError, build_runtime_images
+    from modelfleet.reconciler.images.build import ImageBuildError, build_runtime_images
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if getattr(args, "runtimes_command", None) != "build":

@@ -19,9 +19,10 @@ Steps, each cached under ``cache_dir`` (default ``$MODELFLEET_CACHE_DIR`` or /va
    ``debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm``
    (~1 min, needs root), the rootfs tarball cached as ``rootfs-bookworm-<key>.tar``, then
    ``docker import``.
-3. Hashes: the dependencies image's (Dockerfile, pins, wheel names, base image name or rootfs
-   digest) and the runtime images' (that + the runtimes' sources), as image labels
-   ``modelfleet.runtime.content-hash``: a host that has the images with the same hash is skipped.
+3. Hashes (``content``): the dependencies image's (Dockerfile, pins, wheel names, base image name or
+   rootfs digest) and the runtime images' (that + their Dockerfile + the files of
+   ``modelfleet.runtimes`` copied in), as image labels ``modelfleet.runtime.content-hash``: a host
+   that has the images with the same hash is skipped. This build code is in no hash.
 4. Build once, copy to the others: the dependencies image is built on one host (the build context
    streamed to the Docker API, classic builder), saved to ``images-<hash>.tar`` in the cache, and
    ``docker load``ed on the other hosts (and on fresh hosts later, with no build at all). The two
@@ -40,7 +41,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,163 +49,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelfleet.runtimes import RUNTIME_VERSION
+from modelfleet.reconciler.images.content import (
+    DEFAULT_BASE_IMAGE,
+    DEPS_REPOSITORY,
+    ENTRY_MODULES,
+    LABEL_CONTENT_HASH,
+    LABEL_RUNTIME,
+    REQUIREMENTS,
+    RUNTIME_IMAGES,
+    app_context,
+    content_hash,
+    deps_hash,
+    runtimes_sources,
+    write_deps_context,
+)
+from modelfleet.reconciler.images.progress import Reporter
 
-IMAGE_TORCH = f"modelfleet/runtime-torch:{RUNTIME_VERSION}"
-IMAGE_TRANSFORMERS = f"modelfleet/runtime-transformers:{RUNTIME_VERSION}"
-RUNTIME_IMAGES: dict[str, str] = {"torch": IMAGE_TORCH, "transformers": IMAGE_TRANSFORMERS}
-ENTRY_MODULES: dict[str, str] = {
-    "torch": "modelfleet.runtimes.torch_server",
-    "transformers": "modelfleet.runtimes.transformers_server",
-}
-DEPS_REPOSITORY = "modelfleet/runtime-deps"
-DEFAULT_BASE_IMAGE = "python:3.11-slim"
 LOCAL_BASE_IMAGE = "modelfleet/python-base:bookworm"
 LOCAL_BASE_ALIASES = ("local", "debootstrap", LOCAL_BASE_IMAGE)
 DEFAULT_CACHE_DIR = Path("/var/cache/modelfleet")
-LABEL_CONTENT_HASH = "modelfleet.runtime.content-hash"
-LABEL_RUNTIME = "modelfleet.runtime"
 LABEL_ROOTFS = "modelfleet.base-rootfs"
-RUNTIME_USER = "65534:65534"
-RUNTIME_PORT = 8080
-
 DEBIAN_SUITE = "bookworm"
 DEBIAN_INCLUDE = ("python3", "python3-venv", "ca-certificates")
 APT_SOURCES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
 
-# What the images install (exact pins: reproducible images, stable content hash). Transitive
-# dependencies are resolved once per wheelhouse.
-REQUIREMENTS = """\
-torch==2.13.0
-torchserve==0.12.0
-transformers==5.24.0
-tokenizers==0.23.3
-safetensors==0.8.0
-huggingface-hub==2.4.0
-diffusers==0.42.1
-numpy==2.4.6
-pillow==13.0.0
-pyyaml==6.0.4
-starlette==1.10.0
-uvicorn==0.54.0
-httptools==0.9.0
-uvloop==0.23.0
-python-multipart==0.0.34
-"""
-
-# Classic builder (the Docker API's default; no BuildKit needed). The dependencies image: a venv
-# from the wheelhouse, trimmed (headers, test binaries, TorchServe's Java frontend), copied into a
-# clean stage (no wheels in the image). It changes only with the pins or the base image.
-DEPS_DOCKERFILE = """\
-ARG BASE_IMAGE=python:3.11-slim
-FROM ${BASE_IMAGE} AS build
-COPY wheels /tmp/wheels
-RUN python3 -m venv /opt/modelfleet \\
- && /opt/modelfleet/bin/pip install --no-index --find-links /tmp/wheels --no-cache-dir \\
-        --disable-pip-version-check -r /tmp/wheels/requirements.txt \\
- && SP=$(/opt/modelfleet/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \\
- && rm -rf "$SP/torch/include" "$SP/ts/frontend" \\
- && find "$SP/torch/bin" -type f ! -name torch_shm_manager -delete \\
- && find "$SP/torch/lib" -name '*test*.so' -delete \\
- && /opt/modelfleet/bin/python -c "import torch, ts.context, transformers, starlette, uvicorn" \\
- && /opt/modelfleet/bin/pip uninstall -y pip setuptools wheel >/dev/null 2>&1 || true
-
-FROM ${BASE_IMAGE}
-COPY --from=build /opt/modelfleet /opt/modelfleet
-ENV PATH=/opt/modelfleet/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
-    PYTHONPATH=/opt/modelfleet/app \\
-    PYTHONUNBUFFERED=1 \\
-    PYTHONDONTWRITEBYTECODE=1 \\
-    HOME=/tmp \\
-    HF_HOME=/tmp/hf \\
-    HF_HUB_OFFLINE=1 \\
-    TRANSFORMERS_OFFLINE=1 \\
-    MODEL_DIR=/model \\
-    MODELFLEET_WORK_DIR=/tmp \\
-    PORT=8080
-WORKDIR /tmp
-USER 65534:65534
-EXPOSE 8080
-"""
-
-# A runtime image: the dependencies image + the runtimes package + the entry point. Seconds to
-# build on each host; the two runtimes share every layer but the entry point.
-APP_DOCKERFILE = """\
-FROM {deps_image}
-USER 0:0
-COPY app /opt/modelfleet/app
-RUN /opt/modelfleet/bin/python -m compileall -q /opt/modelfleet/app \\
- && /opt/modelfleet/bin/python -c "import modelfleet.runtimes.torch_server, modelfleet.runtimes.transformers_server"
-USER 65534:65534
-ENTRYPOINT ["/opt/modelfleet/bin/python", "-m", "{module}"]
-"""
-
 
 class ImageBuildError(RuntimeError):
     """A step of the image build failed; the message says which and why."""
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Reporter:
-    """Progress of the long steps (a rich Progress when asked for, otherwise log lines)."""
-
-    def __init__(self, console: Any = None, show: bool = True) -> None:
-        self.console = console
-        self.show = show
-        self._progress: Any = None
-
-    def __enter__(self) -> Reporter:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-            self.console = self.console or Console(stderr=True)
-            if not self.console.is_terminal:  # CI logs: one line per finished step, no live display
-                return self
-            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                      console=self.console, transient=False)
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-            self._progress = None
-
-    @contextlib.contextmanager
-    def step(self, title: str) -> Iterator[Callable[[str], None]]:
-        """A step with a live detail line; yields ``update(detail)``."""
-        t0 = time.monotonic()
-        if self._progress is None:
-            try:
-                yield lambda detail: None
-            except BaseException:
-                if self.show and self.console is not None:
-                    self.console.print(f"✗ {title} ({time.monotonic() - t0:.1f} s)", markup=False)
-                raise
-            if self.show and self.console is not None:
-                self.console.print(f"✓ {title} ({time.monotonic() - t0:.1f} s)", markup=False)
-            return
-        task = self._progress.add_task(title, total=None)
-
-        def update(detail: str) -> None:
-            detail = detail.strip().replace("[", "\\[")
-            if detail:
-                self._progress.update(task, description=f"{title} [dim]{detail[:90]}[/dim]")
-
-        try:
-            yield update
-        except BaseException:
-            self._progress.update(task, description=f"[red]✗[/red] {title}", total=1, completed=1)
-            raise
-        self._progress.update(task, description=f"[green]✓[/green] {title} ({time.monotonic() - t0:.1f} s)",
-                              total=1, completed=1)
-
-    def note(self, message: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(message)
 
 
 # --------------------------------------------------------------------------- cache
@@ -237,7 +107,6 @@ def _sha256_file(path: Path) -> str:
 
 def _short(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 # --------------------------------------------------------------------------- wheelhouse
 
@@ -292,7 +161,6 @@ def _run_streaming(cmd: list[str], update: Callable[[str], None], what: str, **k
             update(line)
     if proc.returncode != 0:
         raise ImageBuildError(f"{what} failed ({proc.returncode}):\n" + "\n".join(tail))
-
 
 # --------------------------------------------------------------------------- base image
 
@@ -379,75 +247,6 @@ def _image_labels(client: Any, name: str) -> dict[str, str] | None:
     except docker.errors.ImageNotFound:
         return None
     return dict((data.get("Config") or {}).get("Labels") or {})
-
-
-# --------------------------------------------------------------------------- content
-
-
-def runtimes_sources() -> dict[str, bytes]:
-    """The modelfleet.runtimes package (``relative path -> bytes``), as copied into the images."""
-    package = Path(__file__).resolve().parent
-    files = {f"modelfleet/runtimes/{p.relative_to(package).as_posix()}": p.read_bytes()
-             for p in sorted(package.rglob("*.py")) if "__pycache__" not in p.parts}
-    # A bare modelfleet package: the rest of modelfleet (and its dependencies) is not in the image.
-    files["modelfleet/__init__.py"] = b'"""modelfleet runtimes only (inside a runtime image)."""\n'
-    return files
-
-
-def deps_hash(wheelhouse: Path, base_key: str) -> str:
-    """What the dependencies image is made of: Dockerfile, pins, wheels, base image."""
-    digest = hashlib.sha256()
-    for part in (DEPS_DOCKERFILE, REQUIREMENTS, base_key):
-        digest.update(part.encode() + b"\0")
-    for wheel in sorted(p.name for p in wheelhouse.glob("*.whl")):
-        digest.update(wheel.encode() + b"\0")
-    return digest.hexdigest()
-
-
-def content_hash(deps: str, sources: dict[str, bytes] | None = None) -> str:
-    """What the runtime images are made of: the dependencies image and the runtimes' sources."""
-    sources = sources if sources is not None else runtimes_sources()
-    digest = hashlib.sha256()
-    for part in (deps, APP_DOCKERFILE, RUNTIME_USER):
-        digest.update(part.encode() + b"\0")
-    for name, data in sorted(sources.items()):
-        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
-    return digest.hexdigest()
-
-
-def _tar_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_deps_context(path: Path, wheelhouse: Path) -> None:
-    """The dependencies build context: Dockerfile and wheels/ (+ requirements.txt)."""
-    partial = path.with_suffix(".partial")
-    with tarfile.open(partial, "w") as tar:
-        _tar_bytes(tar, "Dockerfile", DEPS_DOCKERFILE.encode())
-        _tar_bytes(tar, "wheels/requirements.txt", REQUIREMENTS.encode())
-        for wheel in sorted(wheelhouse.glob("*.whl")):
-            tar.add(wheel, arcname=f"wheels/{wheel.name}", recursive=False, filter=_reset)
-    partial.rename(path)
-
-
-def _reset(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    info.mtime = 0
-    return info
-
-
-def app_context(deps_image: str, module: str, sources: dict[str, bytes]) -> bytes:
-    """A runtime image's build context: its Dockerfile and app/ (the runtimes package)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        _tar_bytes(tar, "Dockerfile", APP_DOCKERFILE.format(deps_image=deps_image, module=module).encode())
-        for name, data in sorted(sources.items()):
-            _tar_bytes(tar, f"app/{name}", data)
-    return buf.getvalue()
-
 
 # --------------------------------------------------------------------------- hosts
 

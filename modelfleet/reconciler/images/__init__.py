@@ -1,0 +1,1 @@
+"""Building the runtime images on the hosts: what goes into them (content), the build, its progress display."""

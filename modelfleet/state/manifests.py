@@ -1,7 +1,9 @@
-"""The manifest kinds of the public contract (DESIGN.md §2), as strict pydantic models.
+"""The manifest kinds of the public contract, as strict pydantic models.
 
 Field names in YAML are camelCase (``minReplicas``); Python attributes are snake_case.
-Unknown keys are errors everywhere, so a typo never silently does nothing.
+Unknown keys are errors everywhere, so a typo never silently does nothing. The descriptions and
+``json_schema_extra`` rules only shape the JSON Schema editors use (modelfleet/state/schema.py);
+validation is the models' own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -29,6 +32,10 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _SHA256 = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# What units.py parses, as JSON Schema patterns (ECMA regex: no inline flags, so cases are spelled out).
+_MEMORY_TEXT = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT][iI]?[bB]?)?\s*$"
+_CPUS_TEXT = r"^([0-9]+m|[0-9]*\.?[0-9]+)$"
+_DURATION_TEXT = r"^\s*([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+\s*$"
 
 
 def _dns_label(value: object) -> str:
@@ -40,10 +47,17 @@ def _dns_label(value: object) -> str:
     return value
 
 
-DnsLabel = Annotated[str, BeforeValidator(_dns_label)]
-Memory = Annotated[int, BeforeValidator(parse_memory), PlainSerializer(lambda v: v)]
-Cpus = Annotated[float, BeforeValidator(parse_cpus)]
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+DnsLabel = Annotated[str, BeforeValidator(_dns_label),
+                     WithJsonSchema({"type": "string", "pattern": _DNS_LABEL.pattern, "maxLength": 63})]
+Memory = Annotated[int, BeforeValidator(parse_memory), PlainSerializer(lambda v: v),
+                   WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0},
+                                             {"type": "string", "pattern": _MEMORY_TEXT}]})]
+Cpus = Annotated[float, BeforeValidator(parse_cpus),
+                 WithJsonSchema({"anyOf": [{"type": "number", "exclusiveMinimum": 0},
+                                           {"type": "string", "pattern": _CPUS_TEXT}]})]
+Duration = Annotated[float, BeforeValidator(parse_duration),
+                     WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0},
+                                               {"type": "string", "pattern": _DURATION_TEXT}]})]
 
 
 class Strict(BaseModel):
@@ -58,17 +72,23 @@ class Strict(BaseModel):
 
 
 class Metadata(Strict):
-    name: DnsLabel
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    name: DnsLabel = Field(description="The object's name: lowercase letters, digits and '-', at most 63 "
+                                       "characters (a DNS label).")
+    labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Free-form annotations.")
 
 
 # --- Policy -------------------------------------------------------------------------------------
 
 
 class LocationRule(Strict):
-    type: Literal["country", "continent", "location"]
-    name: Annotated[str, Field(min_length=1)]
+    """One allowed location."""
+
+    type: Literal["country", "continent", "location"] = Field(
+        description="What name is compared with: the host's country code, continent code or location name.")
+    name: Annotated[str, Field(min_length=1)] = Field(
+        description="A country code (FR), a continent code (EU) or a host's location name (paris-1); codes "
+                    "are case-insensitive.")
 
     @field_validator("name")
     @classmethod
@@ -79,26 +99,43 @@ class LocationRule(Strict):
 
 
 class FlavorRule(Strict):
-    type: Literal["cpu", "gpu"]
-    name: Annotated[str, Field(min_length=1)]
+    """One allowed flavor."""
+
+    type: Literal["cpu", "gpu"] = Field(description="The type of the hosts' flavor that must match.")
+    name: Annotated[str, Field(min_length=1)] = Field(description="A flavor name, e.g. intel-sapphire-rapids.")
 
 
 class MaxTokens(Strict):
-    granularity: Literal["minute", "hour", "day", "month"] = "minute"
-    input: Annotated[int, Field(ge=0)] | None = None
-    output: Annotated[int, Field(ge=0)] | None = None
-    total: Annotated[int, Field(ge=0)] | None = None
+    """A token budget, reserved for the gateway's rate limits: it does not influence placement."""
+
+    granularity: Literal["minute", "hour", "day", "month"] = Field("minute", description="The budget's period.")
+    input: Annotated[int, Field(ge=0)] | None = Field(None, description="Input tokens per period.")
+    output: Annotated[int, Field(ge=0)] | None = Field(None, description="Output tokens per period.")
+    total: Annotated[int, Field(ge=0)] | None = Field(None, description="Input and output tokens per period.")
+
+
+_POLICY_FIELDS = {"location": "locations", "flavor": "flavors", "maxToken": "maxTokens"}
 
 
 class PolicySpec(Strict):
-    type: Literal["location", "flavor", "maxToken"]
-    locations: list[LocationRule] | None = None
-    flavors: list[FlavorRule] | None = None
-    max_tokens: MaxTokens | None = None
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"type": {"const": kind}}, "required": ["type"]},
+         "then": {"required": [wanted],
+                  "properties": {other: False for other in _POLICY_FIELDS.values() if other != wanted}}}
+        for kind, wanted in _POLICY_FIELDS.items()]})
+
+    type: Literal["location", "flavor", "maxToken"] = Field(
+        description="location: where deployments may run; flavor: on which CPU/GPU flavors; maxToken: a token "
+                    "budget (does not restrict hosts). Takes only the field of its type.")
+    locations: list[LocationRule] | None = Field(
+        None, description="Allowed locations (type location).", json_schema_extra={"minItems": 1})
+    flavors: list[FlavorRule] | None = Field(
+        None, description="Allowed flavors (type flavor).", json_schema_extra={"minItems": 1})
+    max_tokens: MaxTokens | None = Field(None, description="The token budget (type maxToken).")
 
     @model_validator(mode="after")
     def _matches_type(self) -> PolicySpec:
-        wanted = {"location": "locations", "flavor": "flavors", "maxToken": "maxTokens"}[self.type]
+        wanted = _POLICY_FIELDS[self.type]
         present = {
             "locations": self.locations is not None,
             "flavors": self.flavors is not None,
@@ -119,6 +156,9 @@ class PolicySpec(Strict):
 
 
 class Policy(Strict):
+    """A placement rule that Environments and deployments name. Policies of the same type combine by
+    union, of different types by intersection."""
+
     api_version: Literal["modelfleet.dev/v1alpha1"]
     kind: Literal["Policy"]
     metadata: Metadata
@@ -129,11 +169,14 @@ class Policy(Strict):
 
 
 class EnvironmentSpec(Strict):
-    description: str = ""
-    policies: list[DnsLabel] = Field(default_factory=list)
+    description: str = Field("", description="What the environment is for.")
+    policies: list[DnsLabel] = Field(default_factory=list,
+                                     description="Policies (by name) that every deployment here obeys.")
 
 
 class Environment(Strict):
+    """Where deployments go (production, development...), with the policies they obey."""
+
     api_version: Literal["modelfleet.dev/v1alpha1"]
     kind: Literal["Environment"]
     metadata: Metadata
@@ -144,8 +187,12 @@ class Environment(Strict):
 
 
 class HuggingFaceOrigin(Strict):
-    model: str
-    revision: str = "main"
+    """A model on the HuggingFace Hub."""
+
+    model: str = Field(description="The model id, org/name.",
+                       json_schema_extra={"pattern": _HF_REPO.pattern})
+    revision: str = Field("main", description="Branch, tag or commit; resolved to its 40-character commit when "
+                                              "planning.")
 
     @field_validator("model")
     @classmethod
@@ -156,8 +203,13 @@ class HuggingFaceOrigin(Strict):
 
 
 class FileOrigin(Strict):
-    path: str | None = None
-    sha256: str | None = None
+    """A TorchServe model archive (.mar): committed in the repository, or uploaded with `modelfleet upload`."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["path"]}, {"required": ["sha256"]}]})
+
+    path: str | None = Field(None, description="The archive's path from the repository root (no '..').")
+    sha256: str | None = Field(None, description="The digest `modelfleet upload` printed (sha256:<64 hex>).",
+                               json_schema_extra={"pattern": _SHA256.pattern})
 
     @model_validator(mode="after")
     def _one_of(self) -> FileOrigin:
@@ -175,6 +227,10 @@ class FileOrigin(Strict):
 
 
 class Origin(Strict):
+    """Where the model comes from: exactly one of huggingface or file."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["huggingface"]}, {"required": ["file"]}]})
+
     huggingface: HuggingFaceOrigin | None = None
     file: FileOrigin | None = None
 
@@ -186,17 +242,23 @@ class Origin(Strict):
 
 
 class Resources(Strict):
-    cpus: Cpus | None = None
-    memory: Memory | None = None
+    """The container's limits; each defaults per runtime type."""
+
+    cpus: Cpus | None = Field(None, description="CPUs: 1, 0.5 or millicores (500m).")
+    memory: Memory | None = Field(None, description="Memory: 512Mi, 2Gi, 1G or a number of bytes.")
 
 
 class ReadinessProbe(Strict):
-    path: str = "/"
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    initial_delay: Duration = 0.0
-    period: Duration = 1.0
-    timeout: Duration = 2.0
-    failure_threshold: Annotated[int, Field(ge=1)] = 3
+    """The HTTP GET a new replica must answer before it gets traffic."""
+
+    path: str = Field("/", description="The path to GET; starts with '/'.", json_schema_extra={"pattern": "^/"})
+    port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        None, description="The container port to probe (default: runtime.port).")
+    initial_delay: Duration = Field(0.0, description="Wait before the first probe (e.g. 5s).")
+    period: Duration = Field(1.0, description="Time between probes.")
+    timeout: Duration = Field(2.0, description="Timeout of one probe.")
+    failure_threshold: Annotated[int, Field(ge=1)] = Field(3, description="Failed probes in a row that count as "
+                                                                          "a failure (accepted, not used yet).")
 
     @field_validator("path")
     @classmethod
@@ -210,13 +272,27 @@ RuntimeType = Literal["torch", "transformers", "tgi", "tei", "custom"]
 
 
 class Runtime(Strict):
-    type: RuntimeType
-    image: str | None = None
-    args: list[str] | None = None
-    env: dict[str, str] = Field(default_factory=dict)
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    resources: Resources = Field(default_factory=Resources)
-    readiness_probe: ReadinessProbe | None = None
+    """The inference server that runs the deployment. Everything is optional: the type is suggested from
+    the origin when omitted (`plan --explain` says why), image, port, probe and resources default per type."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"type": {"const": "custom"}}, "required": ["type"]},
+         "then": {"required": ["image"], "properties": {"image": {"type": "string", "minLength": 1}}}}]})
+
+    # None: suggested from the origin, exactly as if the runtime block were omitted (runtimes.resolve_runtime).
+    type: RuntimeType | None = Field(None, description="torch | transformers | tgi | tei | custom; suggested from "
+                                                       "the origin when omitted.")
+    image: str | None = Field(None, description="The container image: required for custom, replaces the "
+                                                "default image of the other types.")
+    args: list[str] | None = Field(None, description="Replaces the image's command.")
+    env: dict[str, str] = Field(default_factory=dict,
+                                description="Environment variables, on top of those the daemon sets.",
+                                json_schema_extra={"propertyNames": {"pattern": _ENV_NAME.pattern}})
+    port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        None, description="The port the server listens on (default 8080; 80 for tei and tgi).")
+    resources: Resources = Field(default_factory=Resources, description="CPU and memory limits.")
+    readiness_probe: ReadinessProbe | None = Field(
+        None, description="When a new replica is ready (default: the runtime's health endpoint).")
 
     @field_validator("env")
     @classmethod
@@ -229,16 +305,20 @@ class Runtime(Strict):
     @model_validator(mode="after")
     def _custom_needs_image(self) -> Runtime:
         if self.type == "custom" and not self.image:
-            raise ValueError("runtime.type custom needs runtime.image")
+            raise ValueError("runtime.type custom needs runtime.image (the image to run)")
         return self
 
 
 class Serverless(Strict):
-    min_replicas: Annotated[int, Field(ge=0, le=1000)] = 0
-    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 1
-    metric: Literal["concurrency", "rps"] = "concurrency"
-    target: Annotated[float, Field(gt=0)] = 10
-    scale_down_delay: Duration = 300.0
+    """Replicas follow demand instead of a fixed count; with minReplicas 0 a stopped standby is kept."""
+
+    min_replicas: Annotated[int, Field(ge=0, le=1000)] = Field(0, description="Replicas kept when idle (0: scale "
+                                                                              "to zero).")
+    max_replicas: Annotated[int, Field(ge=1, le=1000)] = Field(1, description="Replicas at most, under load.")
+    metric: Literal["concurrency", "rps"] = Field("concurrency", description="What target is measured in: "
+                                                                           "requests in flight or per second.")
+    target: Annotated[float, Field(gt=0)] = Field(10, description="The metric's value per replica to scale at.")
+    scale_down_delay: Duration = Field(300.0, description="How long demand stays low before replicas stop.")
 
     @model_validator(mode="after")
     def _bounds(self) -> Serverless:
@@ -248,21 +328,38 @@ class Serverless(Strict):
 
 
 class Deployment(Strict):
-    environment: DnsLabel
-    enabled: bool = True
-    policies: list[DnsLabel] = Field(default_factory=list)
-    flavors: list[str] = Field(default_factory=list)
-    origin: Origin | None = None
-    runtime: Runtime | None = None
-    replicas: Annotated[int, Field(ge=0, le=1000)] | None = None
-    serverless: Serverless | None = None
+    """Where and how the model runs in one environment."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"not": {"required": ["replicas", "serverless"]}},
+        {"if": {"not": {"required": ["origin"]}},
+         "then": {"required": ["runtime"], "properties": {"runtime": {
+             "type": "object", "required": ["type"], "properties": {"type": {"const": "custom"}}}}}},
+    ]})
+
+    environment: DnsLabel = Field(description="The Environment (by name); one deployment per environment.")
+    enabled: bool = Field(True, description="false: no containers, no resources; the endpoint answers 404.")
+    policies: list[DnsLabel] = Field(default_factory=list,
+                                     description="More Policies (by name): they narrow the environment's, never "
+                                                 "widen them.")
+    flavors: list[str] = Field(default_factory=list,
+                               description="Requested flavors; the policies must allow them.")
+    origin: Origin | None = Field(None, description="Where the model comes from; may be omitted only for "
+                                                    "runtime.type custom.")
+    runtime: Runtime | None = Field(None, description="The inference server; suggested from the origin when "
+                                                      "omitted.")
+    replicas: Annotated[int, Field(ge=0, le=1000)] | None = Field(
+        None, description="A fixed number of replicas (default 1); not with serverless.")
+    serverless: Serverless | None = Field(None, description="Scale with demand; not with replicas.")
 
     @model_validator(mode="after")
     def _coherent(self) -> Deployment:
         if self.replicas is not None and self.serverless is not None:
             raise ValueError("a deployment takes either replicas or serverless, not both")
         if self.origin is None and (self.runtime is None or self.runtime.type != "custom"):
-            raise ValueError("origin may be omitted only for runtime.type custom")
+            # Nothing to suggest a runtime from: a deployment without origin must say what it runs.
+            raise ValueError("origin may be omitted only for runtime.type custom: set runtime.type custom "
+                             "(with runtime.image), or give an origin to suggest the runtime from")
         return self
 
     @property
@@ -272,13 +369,30 @@ class Deployment(Strict):
         return 1 if self.replicas is None else self.replicas
 
 
-class ModelSpec(Strict):
+class RawModelSpec(Strict):
     description: str = ""
     deployments: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ModelEnvelope(Strict):
     """A Model whose deployments are still raw: each is validated on its own (errors stay local)."""
+
+    api_version: Literal["modelfleet.dev/v1alpha1"]
+    kind: Literal["Model"]
+    metadata: Metadata
+    spec: RawModelSpec
+
+
+class ModelSpec(Strict):
+    description: str = Field("", description="What the model is.")
+    deployments: list[Deployment] = Field(default_factory=list,
+                                          description="Where the model runs: at most one per environment.")
+
+
+# ModelEnvelope with its deployments validated in one go: what the JSON Schema describes (the loader
+# validates each deployment on its own instead, so one broken deployment does not hide the others).
+class Model(Strict):
+    """A model and where it runs: one deployment per environment."""
 
     api_version: Literal["modelfleet.dev/v1alpha1"]
     kind: Literal["Model"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -9,6 +10,19 @@ from pydantic.alias_generators import to_camel
 
 from modelfleet.state.manifests import Cpus, DnsLabel, Memory
 from modelfleet.state.units import format_cpus, format_memory
+
+
+@dataclass(frozen=True)
+class RelativeToConfig:
+    """Marks a field of the daemon config that holds a filesystem path: a relative value is taken
+    relative to the config file's directory. reconciler/config.py resolves every marked field, at any
+    depth, so a new path field only needs the mark (``ConfigPath``)."""
+
+    # repo.url: a URL (``https://...``) or an scp-like address (``git@host:org/repo``) stays as written.
+    may_be_url: bool = False
+
+
+ConfigPath = Annotated[str, RelativeToConfig()]
 
 
 class _Strict(BaseModel):
@@ -43,9 +57,9 @@ class Capacity(_Strict):
 
 
 class TlsFiles(_Strict):
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
+    ca: ConfigPath | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
     verify: bool = True
 
 

@@ -102,10 +102,12 @@ def resolve_runtime(
     metadata: Mapping[str, object] | None = None,
     prefer_official: bool = False,
 ) -> ResolvedRuntime:
-    runtime = deployment.runtime
-    if runtime is None:
+    # A runtime block without a type (e.g. only resources) gets the suggestion an omitted block gets:
+    # the same kind, reason and defaults, hence the same spec hash.
+    runtime = deployment.runtime or Runtime()
+    kind: RuntimeType
+    if runtime.type is None:
         kind, reason = suggest_runtime(deployment.origin, metadata, prefer_official)
-        runtime = Runtime(type=kind)
     else:
         kind, reason = runtime.type, "named in the manifest"
     port = runtime.port or DEFAULT_PORTS[kind]

@@ -63,8 +63,8 @@ def test_validate_bad_repo_reports_every_error_with_file_and_line(
     code, out, err = run(capsys, "validate", str(bad_repo))
     assert code == 1
     located = {(m["file"], int(m["line"])) for m in FILE_LINE.finditer(err)}
-    assert located == {("models/echo.yaml", 11), ("environments/staging.yaml", 5), ("models/broken.yaml", 4)}
-    assert "models/echo.yaml:11: spec.deployments[0].replica: unknown field 'replica' (did you mean 'replicas'?)" \
+    assert located == {("models/echo.yaml", 12), ("environments/staging.yaml", 5), ("models/broken.yaml", 4)}
+    assert "models/echo.yaml:12: spec.deployments[0].replica: unknown field 'replica' (did you mean 'replicas'?)" \
         in err
     assert "environments/staging.yaml:5: spec.policies[0]: unknown policy 'eu-onyl' (did you mean 'eu-only'?)" in err
     assert "3 error(s) in" in err
@@ -79,7 +79,7 @@ def test_validate_json_bad_repo(capsys: pytest.CaptureFixture[str], bad_repo: Pa
     assert [(e["file"], e["line"], e["field"]) for e in data["errors"]] == [
         ("environments/staging.yaml", 5, "spec.policies[0]"),
         ("models/broken.yaml", 4, ""),
-        ("models/echo.yaml", 11, "spec.deployments[0].replica"),
+        ("models/echo.yaml", 12, "spec.deployments[0].replica"),
     ]
     assert all(e["text"].startswith(f"{e['file']}:{e['line']}: ") for e in data["errors"])
 
@@ -91,7 +91,7 @@ def test_validate_reports_a_flavor_the_policies_do_not_allow(
     minilm = repo / "models" / "minilm.yaml"
     minilm.write_text(minilm.read_text().replace("flavors: [intel-sapphire-rapids]",
                                                  "flavors: [intel-sapphire-rapids, gpu-a100]"))
-    expected = ('models/minilm.yaml:11: spec.deployments[0].flavors[1]: flavor "gpu-a100" is not allowed by '
+    expected = ('models/minilm.yaml:12: spec.deployments[0].flavors[1]: flavor "gpu-a100" is not allowed by '
                 'policies of environment "production" (allowed: amd-genoa, intel-sapphire-rapids)')
     code, _, err = run(capsys, "validate", str(repo))
     assert code == 1 and expected in err
@@ -186,7 +186,7 @@ def test_plan_bad_repo_exits_1_with_errors_on_stderr(capsys: pytest.CaptureFixtu
     code, out, err = run(capsys, "plan", str(bad_repo), "--config", str(CONFIG), "--offline")
     assert code == 1
     located = {(m["file"], int(m["line"])) for m in FILE_LINE.finditer(err)}
-    assert located == {("models/echo.yaml", 11), ("environments/staging.yaml", 5), ("models/broken.yaml", 4)}
+    assert located == {("models/echo.yaml", 12), ("environments/staging.yaml", 5), ("models/broken.yaml", 4)}
     assert "invalid" in out  # echo's deployments are shown as invalid in the table
 
 
@@ -198,7 +198,7 @@ def test_plan_bad_repo_json(capsys: pytest.CaptureFixture[str], bad_repo: Path) 
     deployments = {(d["model"], d["environment"]): d for d in plan["deployments"]}
     # The invalid deployment is frozen: reported with its error, nothing placed, no action.
     assert deployments[("echo", "production")]["hosts"] == []
-    assert deployments[("echo", "production")]["errors"][0].startswith("models/echo.yaml:11: ")
+    assert deployments[("echo", "production")]["errors"][0].startswith("models/echo.yaml:12: ")
     assert ("echo", "production") not in {(a["model"], a["environment"]) for a in plan["actions"]}
     # The rest of the repository still plans.
     assert deployments[("minilm", "production")]["hosts"] and deployments[("minilm", "production")]["errors"] == []

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path as FsPath
-from typing import Literal
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
 
 from modelfleet.state.errors import ManifestError
 from modelfleet.state.loader import Source, pydantic_errors
 from modelfleet.state.manifests import Duration
-from modelfleet.state.pool import Pool
+from modelfleet.state.pool import ConfigPath, Pool, RelativeToConfig
 from modelfleet.state.yaml_source import YamlSyntaxError, parse_documents
+
+# A local repository path, relative to the config file like any ConfigPath, or a URL / scp-like address.
+RepoLocation = Annotated[str, RelativeToConfig(may_be_url=True)]
 
 
 class _Settings(BaseModel):
@@ -20,35 +24,35 @@ class _Settings(BaseModel):
 
 
 class RepoSettings(_Settings):
-    url: str = "."
+    url: RepoLocation = "."
     branch: str = "main"
     poll_interval: Duration = 30.0
     watch: bool = True
-    webhook_secret_file: str | None = None
+    webhook_secret_file: ConfigPath | None = None
 
 
 class GatewaySettings(_Settings):
     listen: str = "127.0.0.1:8080"
     # "child": `modelfleet run` starts and supervises a gateway; "external": it runs on its own.
     mode: Literal["child", "external"] = "child"
-    token_file: str | None = None
+    token_file: ConfigPath | None = None
 
 
 class ApiSettings(_Settings):
     listen: str = "127.0.0.1:8081"
-    token_file: str | None = None
+    token_file: ConfigPath | None = None
 
 
 class StatusSettings(_Settings):
     provider: Literal["git-notes", "gitea", "github", "gitlab", "none"] = "git-notes"
     url: str | None = None
-    token_file: str | None = None
+    token_file: ConfigPath | None = None
     # Push the notes ref back to the remote (git-notes provider).
     push: bool = True
 
 
 class HuggingFaceSettings(_Settings):
-    token_file: str | None = None
+    token_file: ConfigPath | None = None
     endpoint: str | None = None
 
 
@@ -57,13 +61,27 @@ class Integrations(_Settings):
 
 
 class RolloutSettings(_Settings):
-    """Blue-green timing, defaults after Nomad's update stanza."""
+    """Blue-green timing, defaults and semantics after Nomad's update stanza.
+
+    healthyDeadline: a new replica must be ready within it. progressDeadline: a deployment's rollout
+    must make progress (a replica ready) within it of its start or of the last progress, shipping
+    and container creation included; 0 disables it. autoRevert: a version that failed is removed
+    (true) or left in place, not routed, for inspection (false); either way the previous version
+    keeps serving and the failed one is not retried until its spec changes.
+    """
 
     min_healthy_time: Duration = 0.0
     healthy_deadline: Duration = 300.0
     progress_deadline: Duration = 600.0
     auto_revert: bool = True
     parallelism: int = Field(default=8, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _deadlines(self) -> RolloutSettings:
+        if self.progress_deadline and self.progress_deadline < self.healthy_deadline:
+            raise ValueError(f"rollout.progressDeadline ({self.progress_deadline:g}s) must not be shorter than "
+                             f"rollout.healthyDeadline ({self.healthy_deadline:g}s); set it longer, or 0 to disable it")
+        return self
 
 
 class DockerSettings(_Settings):
@@ -74,7 +92,7 @@ class DockerSettings(_Settings):
 
 class Config(_Settings):
     repo: RepoSettings = Field(default_factory=RepoSettings)
-    state_dir: str = "/var/lib/modelfleet"
+    state_dir: ConfigPath = "/var/lib/modelfleet"
     pool: Pool = Field(default_factory=Pool)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
@@ -112,23 +130,50 @@ def parse_config(text: str, file: str = "modelfleet.yaml", base_dir: FsPath | No
     return config
 
 
-def _resolve_paths(config: Config, base: FsPath) -> Config:
-    def rel(path: str | None) -> str | None:
-        if path is None or "://" in path or path.startswith(("/", "~")):
-            return path
-        return str((base / path).resolve())
+_M = TypeVar("_M", bound=BaseModel)
 
-    repo_url = config.repo.url
-    if "://" not in repo_url and ":" not in repo_url.split("/")[0]:
-        repo_url = rel(repo_url) or repo_url
-    return config.model_copy(update={
-        "state_dir": rel(config.state_dir),
-        "repo": config.repo.model_copy(update={
-            "url": repo_url, "webhook_secret_file": rel(config.repo.webhook_secret_file)}),
-        "api": config.api.model_copy(update={"token_file": rel(config.api.token_file)}),
-        "gateway": config.gateway.model_copy(update={"token_file": rel(config.gateway.token_file)}),
-        "status": config.status.model_copy(update={"token_file": rel(config.status.token_file)}),
-    })
+
+def path_marker(field: FieldInfo) -> RelativeToConfig | None:
+    """The RelativeToConfig mark of a field, also inside ``Optional``/unions (``ConfigPath | None``)."""
+    marks = [m for m in field.metadata if isinstance(m, RelativeToConfig)]
+    pending: list[Any] = [field.annotation]
+    while pending:
+        annotation = pending.pop()
+        if get_origin(annotation) is Annotated:
+            marks += [m for m in annotation.__metadata__ if isinstance(m, RelativeToConfig)]
+        pending.extend(get_args(annotation))
+    return marks[0] if marks else None
+
+
+def _relative_to(base: FsPath, path: str, mark: RelativeToConfig) -> str:
+    if "://" in path or path.startswith(("/", "~")):
+        return path
+    if mark.may_be_url and ":" in path.split("/")[0]:  # user@host:repo.git
+        return path
+    return str((base / path).resolve())
+
+
+def _resolve_paths(model: _M, base: FsPath) -> _M:
+    """Every field marked RelativeToConfig (ConfigPath), however deep: nested settings, lists of hosts."""
+
+    def resolve(value: Any, mark: RelativeToConfig | None) -> Any:
+        if mark is not None and isinstance(value, str):
+            return _relative_to(base, value, mark)
+        if isinstance(value, BaseModel):
+            return _resolve_paths(value, base)
+        if isinstance(value, list | tuple):
+            return type(value)(resolve(item, mark) for item in value)
+        if isinstance(value, dict):
+            return {key: resolve(item, mark) for key, item in value.items()}
+        return value
+
+    update = {}
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        resolved = resolve(value, path_marker(field))
+        if resolved != value:
+            update[name] = resolved
+    return model.model_copy(update=update) if update else model
 
 
 def load_config(path: str | FsPath) -> Config:

@@ -36,7 +36,11 @@ class ImageMissing(TerminalError):
 
 
 class NotReady(TransientError):
-    """A new replica did not become ready before its deadline."""
+    """A new replica did not become ready before its deadline: that version is held back."""
+
+
+class Interrupted(TransientError):
+    """The daemon is shutting down in the middle of an action: the next pass picks it up."""
 
 
 class GitSourceError(TransientError):

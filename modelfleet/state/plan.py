@@ -52,6 +52,19 @@ class Action:
         return data
 
 
+@dataclass
+class ActionOutcome:
+    """What applying one action did: the fact the next decisions (status, held versions) start from."""
+
+    action: Action
+    ok: bool
+    error: str | None = None
+    terminal: bool = False
+    seconds: float = 0.0
+    # The new version never became ready: it is not retried until its spec changes.
+    failed_version: bool = False
+
+
 def _frozen(frozen: Collection[tuple[str, str]], replica: ObservedReplica) -> bool:
     return replica.key in frozen or (replica.model, "*") in frozen
 

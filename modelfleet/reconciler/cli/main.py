@@ -17,8 +17,8 @@ from modelfleet.reconciler.config import Config, ConfigError, load_config
 from modelfleet.reconciler.secrets import read_secret
 from modelfleet.reconciler.source.tree import DirectoryTree
 from modelfleet.state.desired import compute_desired
-from modelfleet.state.loader import load_tree
-from modelfleet.state.planning import PlanResult, make_plan
+from modelfleet.state.loader import Catalog, load_tree
+from modelfleet.state.planning import Plan, PlanInputs, plan
 from modelfleet.state.units import format_memory
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
@@ -80,28 +80,18 @@ def _load_config_or_exit(path: str) -> Config:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    """The plan a daemon pass would apply. Against the live pool it plans from the same facts the
+    daemon does (observation, the daemon's store under stateDir, readiness probes), with the same
+    function; --offline plans against an empty pool."""
     repo = _repo_dir(args.repo)
     config = _load_config_or_exit(args.config)
-    hosts = list(config.pool.hosts)
-    if args.offline:
-        actual, owned, down = [], None, frozenset[str]()
-    else:
-        from modelfleet.reconciler.pool.observe import observe_pool
-
-        observation = observe_pool(config)
-        actual, owned, down = observation.replicas, None, observation.down_hosts
-        for host, reason in sorted(observation.errors.items()):
-            err.print(f"host {host} is unreachable: {reason}", markup=False)
     tree = DirectoryTree(repo)
     catalog = load_tree(tree)
-    facts = None
-    if not args.offline:
-        # Resolve HuggingFace revisions to the commit that would be deployed (the daemon's cache).
-        from modelfleet.reconciler.artifacts.origins import OriginResolver, huggingface_resolver
-        from modelfleet.reconciler.artifacts.store import ArtifactStore
-
-        facts = OriginResolver(huggingface_resolver(config), ArtifactStore(config.state_dir)).facts(catalog)
-    result = make_plan(tree, hosts, _revision_of(repo), actual, owned, down, origin_facts=facts, catalog=catalog)
+    revision = _revision_of(repo)
+    if args.offline:
+        result = plan(PlanInputs(catalog=catalog, hosts=list(config.pool.hosts), revision=revision))
+    else:
+        result = _plan_live(config, catalog, tree, revision)
     if args.json:
         print(json.dumps(result.to_json(explain=args.explain), indent=2))
     else:
@@ -112,7 +102,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_INVALID if result.desired.errors else EXIT_OK
 
 
-def _print_plan(result: PlanResult, explain: bool) -> None:
+def _plan_live(config: Config, catalog: Catalog, tree: DirectoryTree, revision: str) -> Plan:
+    import time
+
+    from modelfleet.reconciler.artifacts.origins import OriginResolver, huggingface_resolver
+    from modelfleet.reconciler.artifacts.store import ArtifactStore
+    from modelfleet.reconciler.daemon.inputs import gather_inputs, plan_with_probes
+    from modelfleet.reconciler.daemon.store import Store
+    from modelfleet.reconciler.pool.observe import observe_pool
+    from modelfleet.reconciler.rollout.readiness import ReadinessProber
+
+    observation = observe_pool(config)
+    for host, reason in sorted(observation.errors.items()):
+        err.print(f"host {host} is unreachable: {reason}", markup=False)
+    store = Store.open_read_only(config.state_dir)
+    if store is None:
+        err.print(f"no daemon state in {config.state_dir}: planning as a daemon starting afresh would",
+                  markup=False)
+    # Resolve HuggingFace revisions to the commit that would be deployed (the daemon's cache).
+    facts = OriginResolver(huggingface_resolver(config), ArtifactStore(config.state_dir)).facts(catalog)
+    prober = ReadinessProber()
+    try:
+        inputs = gather_inputs(config, catalog, revision, observation, store, facts, time.time())
+        return plan_with_probes(inputs, prober)
+    finally:
+        prober.close()
+        if store is not None:
+            store.close()
+
+
+def _print_plan(result: Plan, explain: bool) -> None:
     table = Table(title=f"Deployments at {result.desired.revision[:12]}", title_justify="left")
     for column in ("model", "environment", "runtime", "replicas", "hosts", "state"):
         table.add_column(column)
@@ -142,8 +161,20 @@ def _print_plan(result: PlanResult, explain: bool) -> None:
             for host, reason in sorted(state.excluded.items()):
                 # Reasons quote names from the config (locations are free text): not markup.
                 out.print(f"  [red]✗[/red] {host}: {escape(reason)}", markup=True)
+    for key, notes in sorted(result.notes.items()):
+        for note in notes:
+            out.print(f"[dim]note: {escape(key[0])}/{escape(key[1])}: {escape(note)}[/dim]")
+    if result.held:
+        held = Table(title=f"{len(result.held)} action(s) held back (not taken by this pass)", title_justify="left")
+        for column in ("op", "model", "environment", "replica", "host", "why"):
+            held.add_column(column)
+        for item in result.held:
+            a = item.action
+            held.add_row(a.op, a.model, a.environment, str(a.replica), a.host, escape(item.why))
+        out.print(held)
     if not result.actions:
-        out.print("No changes: the pool matches the repository.")
+        out.print("No changes: the pool matches the repository." if not result.held
+                  else "No action will be taken by this pass.")
         return
     actions = Table(title=f"{len(result.actions)} action(s)", title_justify="left")
     for column in ("op", "model", "environment", "replica", "host", "reason"):
@@ -254,6 +285,21 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    # Generated from the models (a few ms), so it always matches this version's validation.
+    from modelfleet.state.schema import render_manifest_schema
+
+    text = render_manifest_schema()
+    if args.output is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+    return EXIT_OK
+
+
 def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     """A command whose module (and its heavier imports) loads only when it runs."""
 
@@ -273,6 +319,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "gateway": cmd_gateway,
     "status": cmd_status,
     "hosts": cmd_hosts,
+    "schema": cmd_schema,
     "upload": _lazy("modelfleet.reconciler.cli.upload", "cmd_upload"),
     "runtimes": _lazy("modelfleet.reconciler.cli.runtimes", "cmd_runtimes"),
 }
@@ -308,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="daemon config, to find the API address and token")
         p.add_argument("--api", help="API base URL (default: from --config, else http://127.0.0.1:8081)")
         p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the manifests (for editors)")
+    p.add_argument("--output", "-o", metavar="FILE", help="write it to FILE instead of stdout")
 
     from modelfleet.reconciler.cli.runtimes import add_runtimes_parser
     from modelfleet.reconciler.cli.upload import add_upload_parser

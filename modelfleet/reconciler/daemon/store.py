@@ -14,9 +14,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from modelfleet.state.inventory import InventoryChanges, InventoryRow
 
 DB_FILE = "modelfleet.db"
 SCHEMA = """
@@ -64,32 +65,31 @@ CREATE TABLE IF NOT EXISTS facts (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 HISTORY_KEEP = 2000
 
 
-@dataclass(frozen=True)
-class InventoryRow:
-    host: str
-    name: str
-    container_id: str | None
-    model: str
-    environment: str
-    replica: int
-    spec_hash: str
-    revision: str
-    phase: str
-    ready: bool
-    url: str | None
-    probe_url: str | None
+# Facts (key/value) the pass plans from; each lives here only, not also in a daemon field.
+FACT_FAILED_ROLLOUTS = "failed_rollouts"  # failed_rollout_marker -> why
+FACT_UNREACHABLE_SINCE = "unreachable_since"  # host -> wall-clock time it stopped answering
+FACT_LAST_ATTEMPTED = "last_attempted_revision"
+FACT_LAST_APPLIED = "last_applied_revision"
 
 
 class Store:
-    def __init__(self, state_dir: str | Path) -> None:
+    def __init__(self, state_dir: str | Path, *, read_only: bool = False) -> None:
         path = Path(state_dir)
-        path.mkdir(parents=True, exist_ok=True)
         self.path = path / DB_FILE
+        self.read_only = read_only
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        if read_only:
+            # `modelfleet plan` reads the daemon's facts next to a running daemon: never write.
+            self._db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, timeout=10,
+                                       isolation_level=None, check_same_thread=False)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        with self._lock:
+            self._facts: dict[str, str] = dict(self._db.execute("SELECT key, value FROM facts").fetchall())
         # The inventory is read several times a pass and written rarely: cache it between writes.
         self._inventory_cache: list[InventoryRow] | None = None
 
@@ -104,6 +104,18 @@ class Store:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    @staticmethod
+    def open_read_only(state_dir: str | Path) -> Store | None:
+        """The daemon's store for reading, or None when there is none (no daemon ran with this stateDir)."""
+        if not (Path(state_dir) / DB_FILE).is_file():
+            return None
+        try:
+            store = Store(state_dir, read_only=True)
+            store.inventory()
+        except sqlite3.Error:
+            return None
+        return store
 
     def close(self) -> None:
         with self._lock:
@@ -151,6 +163,33 @@ class Store:
             db.execute("UPDATE inventory SET container_id=?, phase=CASE phase WHEN 'creating' THEN 'active'"
                        " ELSE phase END, updated_at=? WHERE host=? AND name=?",
                        (container_id, time.time(), host, name))
+
+    def write_changes(self, changes: InventoryChanges) -> None:
+        """The plan's inventory writes, in one transaction (a kill leaves all or none of them)."""
+        if not changes:
+            return
+        now = time.time()
+        with self._tx() as db:
+            for host, name in changes.forget:
+                db.execute("DELETE FROM inventory WHERE host=? AND name=?", (host, name))
+            for host, name, container_id in changes.container_ids:
+                db.execute("UPDATE inventory SET container_id=?, phase=CASE phase WHEN 'creating' THEN 'active'"
+                           " ELSE phase END, updated_at=? WHERE host=? AND name=?", (container_id, now, host, name))
+            for host, name in changes.unready:
+                db.execute("UPDATE inventory SET ready=0, updated_at=? WHERE host=? AND name=?", (now, host, name))
+            for r in changes.adopt:
+                db.execute(
+                    "INSERT INTO inventory (host, name, container_id, model, environment, replica, spec_hash,"
+                    " revision, phase, ready, url, updated_at) VALUES (?,?,?,?,?,?,?,?,'active',0,NULL,?)"
+                    " ON CONFLICT(host, name) DO UPDATE SET container_id=excluded.container_id, phase='active'",
+                    (r.host, r.name, r.container_id, r.model, r.environment, r.index, r.spec_hash, r.revision, now))
+            for u in changes.ready:
+                if u.fill_urls:
+                    db.execute("UPDATE inventory SET ready=1, url=?, probe_url=?, updated_at=? WHERE host=? AND name=?",
+                               (u.url, u.probe_url, now, u.host, u.name))
+                else:
+                    db.execute("UPDATE inventory SET ready=1, updated_at=? WHERE host=? AND name=?",
+                               (now, u.host, u.name))
 
     def inventory(self) -> list[InventoryRow]:
         with self._lock:
@@ -211,11 +250,16 @@ class Store:
     # --- facts ----------------------------------------------------------------------------------
 
     def set_fact(self, key: str, value: Any) -> None:
-        with self._tx() as db:
-            db.execute("INSERT INTO facts (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET"
-                       " value=excluded.value", (key, json.dumps(value, default=str)))
+        text = json.dumps(value, default=str)
+        with self._lock:
+            if self._facts.get(key) == text:
+                return  # unchanged: no write (a no-op pass writes nothing)
+            with self._tx() as db:
+                db.execute("INSERT INTO facts (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET"
+                           " value=excluded.value", (key, text))
+            self._facts[key] = text
 
     def fact(self, key: str, default: Any = None) -> Any:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM facts WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        """Facts are few and small: all are read once at open, then kept in step with each write."""
+        text = self._facts.get(key)
+        return json.loads(text) if text is not None else default

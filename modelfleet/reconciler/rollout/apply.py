@@ -14,35 +14,24 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import httpx
-
 from modelfleet.reconciler.config import RolloutSettings
 from modelfleet.reconciler.daemon.store import Store
 from modelfleet.reconciler.errors import (
     DockerOperationError,
+    Interrupted,
     ModelfleetError,
     NotReady,
     TerminalError,
 )
 from modelfleet.reconciler.pool.adapter import ContainerInfo, ContainerSpec, HostClient
+from modelfleet.reconciler.rollout.readiness import ReadinessProber
 from modelfleet.state.actual import ObservedReplica, container_name, labels_for
 from modelfleet.state.desired import DesiredReplica
-from modelfleet.state.plan import Action
+from modelfleet.state.plan import Action, ActionOutcome
 from modelfleet.state.pool import Host
 
 log = logging.getLogger("modelfleet.apply")
 Key = tuple[str, str]
-
-
-@dataclass
-class ActionOutcome:
-    action: Action
-    ok: bool
-    error: str | None = None
-    terminal: bool = False
-    seconds: float = 0.0
-    # The new version never became ready and was rolled back: don't retry it until the spec changes.
-    reverted: bool = False
 
 
 @dataclass
@@ -55,23 +44,6 @@ class ApplyReport:
     @property
     def failed(self) -> list[ActionOutcome]:
         return [o for o in self.outcomes if not o.ok]
-
-
-class ReadinessProber:
-    """Readiness = the replica answers its probe path with 2xx, not merely 'the process started'."""
-
-    def __init__(self) -> None:
-        self._client = httpx.Client(follow_redirects=False, trust_env=False)
-
-    def probe(self, url: str, timeout: float) -> bool:
-        try:
-            response = self._client.get(url, timeout=timeout)
-            return 200 <= response.status_code < 300
-        except httpx.HTTPError:
-            return False
-
-    def close(self) -> None:
-        self._client.close()
 
 
 class Applier:
@@ -98,6 +70,7 @@ class Applier:
         self.prepare_volumes = prepare_volumes
         self.origin_env = origin_env
         self.prober = ReadinessProber()
+        self._progress = threading.local()  # per deployment group: the progress deadline
         self._publish_lock = threading.Lock()
 
     def close(self) -> None:
@@ -114,10 +87,15 @@ class Applier:
         lock = threading.Lock()
 
         def run_group(group: list[Action]) -> None:
+            # rollout.progressDeadline: each action must make progress within it of the last one that did.
+            self._progress.deadline = (time.monotonic() + self.rollout.progress_deadline
+                                       if self.rollout.progress_deadline else None)
             for action in group:
                 if self.stop_event.is_set():
                     return  # shutting down: the next pass picks up the rest
                 outcome = self._run(pass_id, action)
+                if outcome.ok and self._progress.deadline is not None:
+                    self._progress.deadline = time.monotonic() + self.rollout.progress_deadline
                 with lock:
                     report.outcomes.append(outcome)
                 if on_outcome is not None:
@@ -144,7 +122,7 @@ class Applier:
             log.warning("%s %s/%s replica %d on %s failed: %s", action.op, action.model, action.environment,
                         action.replica, action.host, exc)
             return ActionOutcome(action, False, str(exc), isinstance(exc, TerminalError | NotReady),
-                                 time.monotonic() - started, reverted=isinstance(exc, NotReady))
+                                 time.monotonic() - started, failed_version=isinstance(exc, NotReady))
         self.store.finish_action(action_id, "ok")
         log.info("%s %s/%s replica %d on %s (%s) in %.2fs", action.op, action.model, action.environment,
                  action.replica, action.host, action.reason, time.monotonic() - started)
@@ -219,6 +197,12 @@ class Applier:
         probe = want.runtime.probe
         probe_url = self._url(want.host, info, probe.port) + probe.path if url else None
         deadline = time.monotonic() + self.rollout.healthy_deadline
+        why_late = f"not ready within rollout.healthyDeadline ({self.rollout.healthy_deadline:g}s, probe {probe.path})"
+        progress_deadline = getattr(self._progress, "deadline", None)
+        if progress_deadline is not None and progress_deadline < deadline:
+            deadline = progress_deadline
+            why_late = (f"not ready within rollout.progressDeadline ({self.rollout.progress_deadline:g}s since the "
+                        f"last progress of this rollout, probe {probe.path})")
         if probe.initial_delay:
             time.sleep(probe.initial_delay)
         healthy_since: float | None = None
@@ -235,19 +219,29 @@ class Applier:
                 healthy_since = None
             if attempts % 10 == 0 and not client.inspect(info.id).running:
                 self._fail(client, want, info, "the container exited")
-            if now >= deadline or self.stop_event.is_set():
-                self._fail(client, want, info,
-                           f"not ready within {self.rollout.healthy_deadline:g}s (probe {probe.path})")
+            if self.stop_event.is_set():
+                # Not a failure of the version: the next daemon probes it (readiness checks of the plan).
+                raise Interrupted(f"shutting down while replica {want.index} of {want.model}/{want.environment}"
+                                  f" on {want.host} was getting ready")
+            if now >= deadline:
+                self._fail(client, want, info, why_late)
             time.sleep(min(probe.period, 0.05 * attempts + 0.02))
         self.store.set_ready(want.host, info.name, True, url)
         self._publish()
 
     def _fail(self, client: HostClient, want: DesiredReplica, info: ContainerInfo, why: str) -> None:
+        """The new version failed: with rollout.autoRevert it is removed, otherwise (Nomad's semantics)
+        it is left in place, not routed, for inspection. Either way the previous version keeps serving
+        and this version is not retried until the spec changes."""
         logs = client.logs_tail(info.id)
+        detail = f"; last log lines: {logs}" if logs else ""
+        if not self.rollout.auto_revert:
+            raise NotReady(f"new replica {want.index} of {want.model}/{want.environment} on {want.host} {why}:"
+                           f" left in place as {info.name} (rollout.autoRevert: false), previous version keeps"
+                           f" serving{detail}")
         self.store.mark_removing(want.host, info.name)
         client.remove(info.id)
         self.store.forget(want.host, info.name)
-        detail = f"; last log lines: {logs}" if logs else ""
         raise NotReady(f"new replica {want.index} of {want.model}/{want.environment} on {want.host} {why}:"
                        f" removed it, previous version keeps serving{detail}")
 
@@ -260,14 +254,18 @@ class Applier:
         self.store.forget(old.host, old.name)
 
     def _container_spec(self, client: HostClient, want: DesiredReplica, name: str) -> ContainerSpec:
+        from modelfleet.runtimes.contract import RuntimeEnvironment
+
         runtime = want.runtime
-        # Where the model is (MODELFLEET_MODEL_DIR...), then the manifest's env on top.
-        env = dict(self.origin_env(want.origin)) if self.origin_env and want.origin else {}
-        if runtime.type in ("torch", "transformers"):
-            env["PORT"] = str(runtime.port)  # our runtimes listen where the manifest says
-        env.update(runtime.env)
-        env.setdefault("MODELFLEET_MODEL", want.model)
-        env.setdefault("MODELFLEET_ENVIRONMENT", want.environment)
+        # The runtime contract (modelfleet/runtimes/contract.py): where the model is and what it
+        # is, which deployment this is, the port; then the manifest's env on top.
+        origin_env = self.origin_env(want.origin) if self.origin_env and want.origin else {}
+        contract = RuntimeEnvironment.from_env(origin_env, strict=True).for_deployment(
+            want.model, want.environment,
+            # our runtimes listen where the manifest says; TEI/TGI take --port (in their args)
+            port=runtime.port if runtime.type in ("torch", "transformers") else None,
+        )
+        env = contract.merged_with(dict(runtime.env))
         volumes = self.prepare_volumes(client, want) if self.prepare_volumes else None
         return ContainerSpec(
             name=name, image=runtime.image, command=list(runtime.args) or None, environment=env,

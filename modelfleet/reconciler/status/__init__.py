@@ -1,25 +1,18 @@
-"""Commit status writers: git notes (embedded default) and forge APIs (Gitea, GitHub, GitLab)."""
+"""Commit status writers: git notes (embedded default) and forge APIs (Gitea, GitHub, GitLab).
+
+What a status says is decided in the pure core (modelfleet.state.status); this package only writes it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
-State = Literal["pending", "success", "failure", "error"]
-AGGREGATE_CONTEXT = "modelfleet"
+from modelfleet.state.status import AGGREGATE_CONTEXT, CommitStatus, State, deployment_context
+
 NOTES_REF = "refs/notes/modelfleet"
 
-
-def deployment_context(environment: str, model: str) -> str:
-    return f"modelfleet/{environment}/{model}"
-
-
-@dataclass(frozen=True)
-class CommitStatus:
-    context: str
-    state: State
-    description: str  # human-actionable; forges cut it (GitHub: 140 chars), so put the gist first
-    target_url: str | None = None
+__all__ = ["AGGREGATE_CONTEXT", "NOTES_REF", "CommitStatus", "State", "StatusError", "StatusWriter",
+           "deployment_context"]
 
 
 class StatusWriter(Protocol):

@@ -88,7 +88,7 @@ def test_a_pass_that_breaks_midway_leaves_an_error_status_not_pending(tmp_path: 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(daemon_module, "make_plan", broken)
+    monkeypatch.setattr(daemon_module, "plan_with_probes", broken)
     daemon, recorder = make_daemon(tmp_path, work)
     try:
         status = daemon.reconcile("test")

@@ -1,4 +1,4 @@
-"""The daemon's settings (`modelfleet.yaml`), one typed model per concern (DESIGN.md §2)."""
+"""The daemon's settings (`modelfleet.yaml`), one typed model per concern (docs/architecture.md, "Public contract")."""
 
 from __future__ import annotations
 

@@ -41,6 +41,8 @@ from modelfleet.state.status import (
 Key = tuple[str, str]
 SERVERLESS_NOT_ACTIVE = ("serverless autoscaling (metric, target, scaleDownDelay) is not active yet: "
                          "the deployment keeps minReplicas running (a stopped standby at 0)")
+FAILURE_THRESHOLD_NOT_ACTIVE = ("readinessProbe.failureThreshold is not active yet: a replica is probed until it is "
+                                "ready, then the gateway's retries cover a replica that stops answering")
 
 
 def failed_rollout_marker(model: str, environment: str, spec_hash: str) -> str:
@@ -294,10 +296,21 @@ def _hold(proposed: list[Action], failed: Mapping[str, str], rows: list[Inventor
 
 
 def _notes(catalog: Catalog, desired: DesiredState) -> dict[Key, list[str]]:
+    """Settings the manifest sets that are accepted but not in effect yet: said, never silently ignored."""
     notes: dict[Key, list[str]] = {}
-    for key, state in desired.deployments.items():
-        if state.serverless and not state.errors:
-            notes[key] = [SERVERLESS_NOT_ACTIVE]
+    for entry in catalog.deployments():
+        state = desired.deployments.get(entry.key)
+        if state is None or state.errors or entry.spec is None:
+            continue
+        found = []
+        if state.serverless:
+            found.append(SERVERLESS_NOT_ACTIVE)
+        runtime = entry.spec.runtime
+        probe = runtime.readiness_probe if runtime is not None else None
+        if probe is not None and "failure_threshold" in probe.model_fields_set:
+            found.append(FAILURE_THRESHOLD_NOT_ACTIVE)
+        if found:
+            notes[entry.key] = found
     return notes
 
 

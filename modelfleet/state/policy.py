@@ -1,4 +1,4 @@
-"""Policy algebra (DESIGN.md §1).
+"""Policy algebra (README.md, "Manifests").
 
 * policies of the same type combine by UNION (a host passes if any of them allows it);
 * different types combine by INTERSECTION (a host must pass every type that is constrained);

@@ -1,4 +1,4 @@
-"""Policy algebra (DESIGN.md §1), table-driven over fixture repos named after the outcome.
+"""Policy algebra (README.md, "Manifests"), table-driven over fixture repos named after the outcome.
 
 Every fixture is planned against tests/state/fixtures/pool.yaml:
 nyc-1, sfo-1 (US/NA) · yul-1 (CA/NA) · par-1, par-2 (FR/EU, paris-1) · fra-1, gpu-1 (DE/EU,

@@ -1,6 +1,6 @@
 """Validation of TorchServe model archives (.mar): a zip with ``MAR-INF/MANIFEST.json``.
 
-Layout of torch-model-archiver 0.12 (DESIGN.md §4)::
+Layout of torch-model-archiver 0.12::
 
     MAR-INF/MANIFEST.json  {"createdOn", "runtime": "python", "archiverVersion",
                             "model": {"modelName", "serializedFile"?, "handler", "modelFile"?,

@@ -1,4 +1,4 @@
-"""The gateway: the data plane serving one inference endpoint per deployment (DESIGN.md §2).
+"""The gateway: the data plane serving one inference endpoint per deployment (docs/architecture.md, "Public contract").
 
 A separate process from the control loop: it follows the route table that the daemon publishes in
 ``<stateDir>/routes.db`` and keeps serving the last table it read when the daemon is away or the

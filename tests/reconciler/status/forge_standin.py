@@ -1,6 +1,6 @@
 """A stand-in for a forge's commit-status API (Gitea/Forgejo, GitHub or GitLab), for tests.
 
-It is NOT the forge (none can be installed here, DESIGN.md §4): an http.server on 127.0.0.1 that
+It is NOT the forge (no forge can be installed on the test machines): an http.server on 127.0.0.1 that
 checks every request against the request shape the forge documents -- method, path with the
 commit SHA, auth header scheme, required headers, JSON field names, allowed states, length limits --
 records it, and answers like the forge would (201 with the status, 401 on a bad token, 422 on a

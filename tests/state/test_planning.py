@@ -1,0 +1,23 @@
+"""The pass's plan: settings accepted but not in effect yet are said in the plan, never ignored silently."""
+
+from __future__ import annotations
+
+from modelfleet.state.loader import load_tree
+from modelfleet.state.planning import FAILURE_THRESHOLD_NOT_ACTIVE, SERVERLESS_NOT_ACTIVE, PlanInputs, plan
+from tests.state.helpers import custom_model, echo_deployment, environment, host, tree
+
+
+def _plan(*deployments: str) -> dict[str, object]:
+    files = tree(**{"environments.yaml": environment("production") + "---\n" + environment("development"),
+                    "models/m.yaml": custom_model("m", *deployments)})
+    return plan(PlanInputs(catalog=load_tree(files), hosts=[host("h0")], revision="r", inventory=[])).to_json()
+
+
+def test_serverless_and_failure_threshold_say_they_are_not_active_yet() -> None:
+    data = _plan(
+        "environment: production\nserverless: {minReplicas: 0, maxReplicas: 3, target: 5}\n"
+        "runtime: {type: custom, image: x:1, readinessProbe: {path: /ping, failureThreshold: 5}}",
+        echo_deployment("development"))
+    deployments = {d["environment"]: d for d in data["deployments"]}  # type: ignore[attr-defined]
+    assert deployments["production"]["notes"] == [SERVERLESS_NOT_ACTIVE, FAILURE_THRESHOLD_NOT_ACTIVE]
+    assert "notes" not in deployments["development"]  # nothing set that is not in effect

@@ -213,10 +213,11 @@ def main() -> int:
         config = workdir / "modelfleet.yaml"
         config.write_text(f"stateDir: {workdir / 'state'}\ngateway: {{listen: '127.0.0.1:{gateway_port}'}}\n")
         sys.path.insert(0, str(ROOT))
-        from modelfleet.reconciler.gateway.routes import Backend, RouteStore
+        from modelfleet.reconciler.gateway.routes import Backend, RouteStore, route_key
 
         store = RouteStore(workdir / "state")
-        store.publish({"bench/production": (Backend(f"http://127.0.0.1:{backend_port}", "bench-1", "local"),)})
+        bench_backend = Backend(f"http://127.0.0.1:{backend_port}", "bench-1", "local")
+        store.publish({route_key("bench", "production"): (bench_backend,)})
         store.close()
 
         with process([sys.executable, "-c", BACKEND_CODE, str(backend_port), str(args.backend_delay_ms)],

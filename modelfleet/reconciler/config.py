@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
 
@@ -17,6 +17,43 @@ from modelfleet.state.yaml_source import YamlSyntaxError, parse_documents
 
 # A local repository path, relative to the config file like any ConfigPath, or a URL / scp-like address.
 RepoLocation = Annotated[str, RelativeToConfig(may_be_url=True)]
+
+ALL_INTERFACES = "0.0.0.0"
+_WILDCARD_HOSTS = frozenset({ALL_INTERFACES, "::"})
+
+
+def parse_listen(listen: str, default_host: str | None = None) -> tuple[str, int]:
+    """A listen address -> (host, port): ``host:port``, ``[IPv6]:port``, or ``:port`` (``default_host``:
+    every interface for the gateway; the API keeps 127.0.0.1 so that ``:port`` never exposes it).
+
+    Raises ValueError naming the accepted forms.
+    """
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        raise ValueError(f"expected host:port, [IPv6]:port or :port (every interface), e.g. 127.0.0.1:8080; "
+                         f"got {listen!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"put an IPv6 address in brackets, e.g. [::1]:{port_text}; got {listen!r}")
+    return host or default_host or ALL_INTERFACES, int(port_text)
+
+
+def local_url(listen: str) -> str:
+    """``http://host:port`` that reaches a server listening on ``listen`` from this machine."""
+    host, port = parse_listen(listen)
+    if host in _WILDCARD_HOSTS:
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _valid_listen(listen: str) -> str:
+    parse_listen(listen)
+    return listen
+
+
+# Kept as written (host:port); parse_listen() splits it.
+ListenAddress = Annotated[str, AfterValidator(_valid_listen)]
 
 
 class _Settings(BaseModel):
@@ -32,14 +69,14 @@ class RepoSettings(_Settings):
 
 
 class GatewaySettings(_Settings):
-    listen: str = "127.0.0.1:8080"
+    listen: ListenAddress = "127.0.0.1:8080"
     # "child": `modelfleet run` starts and supervises a gateway; "external": it runs on its own.
     mode: Literal["child", "external"] = "child"
     token_file: ConfigPath | None = None
 
 
 class ApiSettings(_Settings):
-    listen: str = "127.0.0.1:8081"
+    listen: ListenAddress = "127.0.0.1:8081"
     token_file: ConfigPath | None = None
 
 

@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from modelfleet.reconciler.secrets import bearer_token_matches
+
 if TYPE_CHECKING:
     from modelfleet.reconciler.daemon.reconcile import Daemon
 
@@ -49,8 +51,7 @@ def make_api(daemon: Daemon, api_token: str | None, webhook_secret: str | None,
     def authorized(request: Request) -> bool:
         if api_token is None:
             return True
-        header = request.headers.get("authorization", "")
-        return header.startswith("Bearer ") and hmac.compare_digest(header[7:], api_token)
+        return bearer_token_matches(request.headers.get("authorization"), api_token)
 
     def denied() -> JSONResponse:
         return JSONResponse({"error": "unauthorized: send Authorization: Bearer <api token>"}, status_code=401)

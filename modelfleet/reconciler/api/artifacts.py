@@ -29,7 +29,6 @@ keeps what arrived, and HEAD tells where to resume. Abandoned sessions are remov
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from typing import Any
@@ -48,6 +47,7 @@ from modelfleet.reconciler.artifacts.uploads import (
     artifact_json,
     mar_meta,
 )
+from modelfleet.reconciler.secrets import bearer_token_matches
 
 log = logging.getLogger("modelfleet.api.artifacts")
 WRITE_BATCH = 4 << 20  # bytes gathered before one write (in a worker thread)
@@ -72,8 +72,7 @@ def artifact_routes(
     def authorized(request: Request) -> bool:
         if api_token is None:
             return True
-        header = request.headers.get("authorization", "")
-        return header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(), api_token.encode())
+        return bearer_token_matches(request.headers.get("authorization"), api_token)
 
     def error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
         return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)

@@ -103,13 +103,13 @@ def _endpoint(args: argparse.Namespace) -> tuple[str, str | None]:
     base: str | None = args.api
     token_file: str | None = args.token_file
     if args.config:
-        from modelfleet.reconciler.config import ConfigError, load_config
+        from modelfleet.reconciler.config import ConfigError, load_config, local_url
 
         try:
             config = load_config(args.config)
         except ConfigError as exc:
             raise UploadFailed(str(exc), EXIT_INVALID) from None
-        base = base or "http://" + config.api.listen.replace("0.0.0.0", "127.0.0.1")
+        base = base or local_url(config.api.listen)
         token_file = token_file or config.api.token_file
     base = (base or DEFAULT_API).rstrip("/")
     if not base.startswith(("http://", "https://")):

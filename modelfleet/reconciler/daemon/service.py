@@ -24,7 +24,7 @@ import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from modelfleet.reconciler.api.app import make_api
-from modelfleet.reconciler.config import Config
+from modelfleet.reconciler.config import Config, local_url, parse_listen
 from modelfleet.reconciler.daemon.reconcile import Daemon
 from modelfleet.reconciler.daemon.sdnotify import notify, watchdog_interval
 from modelfleet.reconciler.daemon.triggers import watch_refs
@@ -37,11 +37,6 @@ MAX_BACKOFF = 60.0
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return (host or "127.0.0.1").strip("[]"), int(port)
 
 
 def make_status_writer(config: Config, daemon: Daemon) -> StatusWriter | None:
@@ -63,8 +58,7 @@ class GatewaySupervisor:
         self.stop = stop
         self.pidfile = Path(config.state_dir) / "gateway.pid"
         self.process: subprocess.Popen[bytes] | None = None
-        host, port = split_listen(config.gateway.listen)
-        self.health_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}/healthz"
+        self.health_url = local_url(config.gateway.listen) + "/healthz"
 
     def _alive(self) -> bool:
         try:
@@ -135,7 +129,7 @@ def run_daemon(config: Config, config_path: str, *, once: bool = False) -> int:
         return 0 if daemon.status.last_pass.get("result") == "ok" else 3
 
     # HTTP API.
-    api_host, api_port = split_listen(config.api.listen)
+    api_host, api_port = parse_listen(config.api.listen, default_host="127.0.0.1")
     app = make_api(daemon, read_secret(config.api.token_file), read_secret(config.repo.webhook_secret_file),
                    daemon.triggers.fire)
     server = uvicorn.Server(uvicorn.Config(app, host=api_host, port=api_port, log_level="warning",

@@ -1,1 +1,15 @@
-"""The gateway (data plane): following the route table and proxying inference requests to ready replicas."""
+"""The gateway (data plane): following the route table and proxying inference requests to ready replicas.
+
+Modules, from the process down to the socket:
+
+- ``server``: process startup (settings, listening socket, uvicorn), ``run_gateway``, ``GatewayError``;
+- ``app``: the ASGI app: lifecycle, which path goes where, the bearer token;
+- ``proxy``: one request forwarded to a backend and its response streamed back, retried once on a
+  connection failure (blue-green switches);
+- ``balancer``: which backend (least outstanding requests, ties round-robin);
+- ``follower``: following ``routes.db``, keeping the last table read;
+- ``routes``: the route table contract shared with the daemon;
+- ``pool``, ``connections``, ``codecs``: the upstream HTTP/1.1 client (kept-alive connections,
+  one connection's protocol, request writing and response parsing);
+- ``responses``, ``metrics``: the gateway's own JSON responses and its Prometheus metrics.
+"""

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelfleet.state.routes import route_key
+
 ROUTES_DB = "routes.db"
 
 
@@ -27,13 +29,13 @@ class Backend:
 @dataclass(frozen=True)
 class RouteTable:
     version: int
-    # "model/environment" -> ready backends (may be empty: deployment known but nothing ready)
+    # route_key(model, environment) -> ready backends (may be empty: deployment known but nothing ready)
     routes: dict[str, tuple[Backend, ...]] = field(default_factory=dict)
     published_at: float = 0.0
 
     def backends(self, model: str, environment: str) -> tuple[Backend, ...] | None:
         """None: no such deployment. Empty: the deployment exists but no replica is ready."""
-        return self.routes.get(f"{model}/{environment}")
+        return self.routes.get(route_key(model, environment))
 
     def to_json(self) -> str:
         return json.dumps({k: [b.__dict__ for b in v] for k, v in sorted(self.routes.items())},
@@ -44,10 +46,6 @@ class RouteTable:
         data = json.loads(text)
         return RouteTable(version, {k: tuple(Backend(**b) for b in v) for k, v in data.items()},
                           published_at)
-
-
-def route_key(model: str, environment: str) -> str:
-    return f"{model}/{environment}"
 
 
 class RouteStore:
@@ -104,3 +102,7 @@ class RouteStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+# route_key is the pure core's (modelfleet.state.routes), re-exported with the table it keys.
+__all__ = ["ROUTES_DB", "Backend", "RouteStore", "RouteTable", "route_key"]

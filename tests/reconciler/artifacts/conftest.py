@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 
 from modelfleet.reconciler.api.artifacts import artifact_routes
 from modelfleet.reconciler.artifacts.store import ArtifactStore
 from modelfleet.reconciler.artifacts.uploads import UploadManager
+from tests.http_server import ServerThread
 from tests.reconciler.artifacts.archives import build_mar
 
 
@@ -33,34 +30,6 @@ def good_mar(mar_dir: Path) -> Path:
 
 
 API_TOKEN = "mf-api-token-7c1b0e"
-
-
-class ServerThread:
-    """An uvicorn server in a daemon thread on a pre-bound loopback socket."""
-
-    def __init__(self, app: Any) -> None:
-        config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def start(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 5
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.005)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
-        self.sock.close()
 
 
 @dataclass
@@ -84,7 +53,7 @@ class _Swappable:
 @pytest.fixture(scope="session")
 def _api_server() -> Iterator[tuple[ServerThread, _Swappable]]:
     swappable = _Swappable()
-    server = ServerThread(swappable).start()
+    server = ServerThread.for_app(swappable).start()
     try:
         yield server, swappable
     finally:

@@ -1,0 +1,187 @@
+"""The gateway as an ASGI app: lifecycle, which path goes where, and who may call what (the bearer token).
+
+``/models/...`` goes to the proxy; ``/healthz`` and ``/metrics`` are open; ``/routes`` (the table
+being served, with each backend's outstanding requests) and ``/models/`` need the token when one
+is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from modelfleet.reconciler.gateway.balancer import Balancer
+from modelfleet.reconciler.gateway.follower import RouteFeed, RouteFollower
+from modelfleet.reconciler.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from modelfleet.reconciler.gateway.metrics import GatewayMetrics
+from modelfleet.reconciler.gateway.pool import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, UpstreamPool
+from modelfleet.reconciler.gateway.proxy import RETRY_BUFFER_LIMIT, Proxy
+from modelfleet.reconciler.gateway.responses import send_error, send_json
+from modelfleet.reconciler.gateway.routes import RouteTable
+from modelfleet.reconciler.secrets import bearer_token_matches
+
+log = logging.getLogger("modelfleet.gateway")
+
+DEFAULT_POLL_INTERVAL = 0.1
+
+
+class Gateway:
+    """The gateway as an ASGI application (HTTP and lifespan scopes)."""
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        *,
+        token: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        retry_buffer_limit: int = RETRY_BUFFER_LIMIT,
+        metrics: GatewayMetrics | None = None,
+        parser: str = "auto",
+    ) -> None:
+        self.balancer = Balancer()
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
+        self.routes = RouteFeed(RouteFollower(state_dir), self.metrics, on_install=self._installed)
+        self.poll_interval = poll_interval
+        self.retry_buffer_limit = retry_buffer_limit
+        self._token = token.encode() if token else None
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._parser = parser
+        self.upstream: UpstreamPool | None = None
+        self.proxy: Proxy | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    @property
+    def follower(self) -> RouteFollower:
+        return self.routes.follower
+
+    @property
+    def table(self) -> RouteTable:
+        """The route table being served."""
+        return self.routes.table
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Read the route table and start following it; idempotent. Needs a running loop."""
+        if self.upstream is not None:
+            return
+        self.upstream = UpstreamPool(connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+                                     parser=self._parser)
+        self.proxy = Proxy(self.routes, self.balancer, self.upstream, self.metrics,
+                           retry_buffer_limit=self.retry_buffer_limit, strip_authorization=self._token is not None)
+        self.routes.start()
+        self._poller = asyncio.ensure_future(self._poll_forever())
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        if self.upstream is not None:
+            await self.upstream.aclose()
+        self.routes.close()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                if self.upstream is not None:
+                    self.upstream.purge()
+                await self.routes.refresh()
+            except Exception:  # keep following whatever happens
+                log.exception("route table refresh failed")
+
+    def _installed(self, table: RouteTable) -> None:
+        self.balancer.forget(set(table.routes))
+
+    # -- ASGI ------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if self.proxy is None:
+                self.start()
+            assert self.proxy is not None
+            path: str = scope["path"]
+            if path.startswith("/models/"):
+                if self._token is not None and not self._authorized(scope):
+                    await self._unauthorized(send)
+                    return
+                await self.proxy.handle(scope, receive, send)
+            elif path == "/healthz":
+                await send_json(send, 200, {"status": "ok", "route_table_version": self.routes.table.version})
+            elif path == "/metrics":
+                payload = self.metrics.render()
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", METRICS_CONTENT_TYPE.encode()),
+                    (b"content-length", str(len(payload)).encode())]})
+                await send({"type": "http.response.body", "body": payload})
+            elif path == "/routes":
+                if self._token is not None and not self._authorized(scope):
+                    await self._unauthorized(send)
+                    return
+                await send_json(send, 200, self.describe_routes())
+            else:
+                await send_error(send, 404, "NotFound",
+                                 f"no such path {path}; inference is served under /models/<model>/")
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.start()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- auth ------------------------------------------------------------------------------------
+
+    def _authorized(self, scope: Scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return bearer_token_matches(value, self._token)
+        return False
+
+    @staticmethod
+    async def _unauthorized(send: Send) -> None:
+        await send_error(send, 401, "Unauthorized", "a valid 'Authorization: Bearer <token>' is required",
+                         [(b"www-authenticate", b'Bearer realm="modelfleet"')])
+
+    # -- /routes ---------------------------------------------------------------------------------
+
+    def describe_routes(self) -> dict[str, Any]:
+        table = self.routes.table
+        now = time.time()
+        outstanding = self.balancer.outstanding
+        return {
+            "version": table.version,
+            "published_at": table.published_at or None,
+            "age_seconds": round(now - table.published_at, 3) if table.published_at else None,
+            "loaded_at": self.routes.loaded_at or None,
+            "error": self.routes.error,
+            "upstream": {"parser": self.upstream.parser if self.upstream else None,
+                         "connections": self.upstream.connections if self.upstream else 0},
+            "routes": {key: [{"url": b.url, "container": b.container, "host": b.host,
+                              "outstanding": outstanding.get(b.url, 0)} for b in backends]
+                       for key, backends in sorted(table.routes.items())},
+        }

@@ -1,0 +1,361 @@
+"""The proxy: forward one inference request to a ready backend and stream the response back.
+
+``/models/<model>/<sub-path>?environment=<env>`` (default environment ``production``) goes to one of
+the deployment's ready backends, chosen by the balancer. The sub-path and the query string (less
+``environment``) are forwarded; method, headers (less hop-by-hop headers and ``Host``, plus
+``X-Forwarded-For``/``-Proto``/``-Host``) and bodies are streamed both ways. A backend that fails
+before sending any response byte (refused, reset, closed a kept-alive connection) is retried once,
+preferably on another backend, after re-reading the route table, as long as the request body can
+be replayed: bodies of up to ``retry_buffer_limit`` bytes (1 MiB) are buffered for that, larger ones
+are streamed and are only retried when the failure came before any of their bytes was read. This
+makes a blue-green switch lossless even when the old replica goes away a few milliseconds before
+the gateway's next poll of the route table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import unquote, unquote_plus
+
+from starlette.types import Receive, Scope, Send
+
+from modelfleet.reconciler.gateway.balancer import Balancer
+from modelfleet.reconciler.gateway.connections import UpstreamError, UpstreamResponse
+from modelfleet.reconciler.gateway.follower import RouteFeed
+from modelfleet.reconciler.gateway.metrics import GatewayMetrics
+from modelfleet.reconciler.gateway.pool import UpstreamPool
+from modelfleet.reconciler.gateway.responses import send_error
+from modelfleet.reconciler.gateway.routes import Backend, route_key
+
+log = logging.getLogger("modelfleet.gateway")
+
+DEFAULT_ENVIRONMENT = "production"
+MODELS_PREFIX = b"/models/"
+RETRY_BUFFER_LIMIT = 1 << 20
+# How long a request runs before the gateway starts watching for its client going away.
+WATCH_DELAY = 0.05
+
+_HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
+})
+# Replaced by the gateway's own values (it is the edge), set by the upstream client (framing) or
+# handled by the gateway itself (Expect).
+_REQUEST_DROP = _HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-host",
+                               b"content-length"}
+_RESPONSE_DROP = _HOP_BY_HOP
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request body was being read."""
+
+
+class Proxy:
+    """Forwards ``/models/`` requests; the app has already decided that the caller may send them.
+
+    ``strip_authorization``: drop the client's ``Authorization`` header (it carried the gateway's
+    own token, which is not the backend's business).
+    """
+
+    def __init__(self, routes: RouteFeed, balancer: Balancer, upstream: UpstreamPool, metrics: GatewayMetrics,
+                 *, retry_buffer_limit: int = RETRY_BUFFER_LIMIT, strip_authorization: bool = False) -> None:
+        self.routes = routes
+        self.balancer = balancer
+        self.upstream = upstream
+        self.metrics = metrics
+        self.retry_buffer_limit = retry_buffer_limit
+        self.strip_authorization = strip_authorization
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        model_raw, _, sub_path = raw_path[len(MODELS_PREFIX):].partition(b"/")
+        model = unquote(model_raw.decode("latin-1"))
+        environment, query = split_query(scope.get("query_string", b""))
+        key = route_key(model, environment)
+        backends = self.routes.table.routes.get(key)
+        if backends is None:
+            await _deployment_not_found(send, model, environment)
+            self.metrics.observe("", "", 404, time.perf_counter() - started)
+            return
+        if not backends:
+            await _no_ready_backend(send, model, environment)
+            self.metrics.observe(model, environment, 503, time.perf_counter() - started)
+            return
+        exchange = _Exchange()
+        status = 499  # nginx's "client closed request" when nothing else is known
+        try:
+            status = await self._exchange(scope, receive, send, exchange, model, environment, key, backends,
+                                          b"/" + sub_path + (b"?" + query if query else b""))
+        except _ClientGone:
+            status = 499
+        except asyncio.CancelledError:
+            task = exchange.task
+            if not exchange.client_gone or task is None or task.uncancel() > 0:
+                raise
+            status = 499
+        finally:
+            exchange.close()
+            self.metrics.observe(model, environment, status, time.perf_counter() - started)
+
+    async def _exchange(self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange, model: str,
+                        environment: str, key: str, backends: tuple[Backend, ...], target: bytes) -> int:
+        """Forward the request; returns the status code sent to the client."""
+        upstream = self.upstream
+        headers, content_length = forward_headers(scope, self.strip_authorization)
+        body = _RequestBody(receive, exchange)
+        await body.prefetch(content_length, self.retry_buffer_limit)
+        method: bytes = scope["method"].encode()
+        balancer = self.balancer
+        avoid: str | None = None
+        for attempt in (0, 1):
+            if attempt:
+                # The retry: re-read the route table first (the failed backend is likely gone from it).
+                self.metrics.retry(model, environment)
+                await self.routes.refresh()
+                retry_backends = self.routes.table.routes.get(key)
+                if retry_backends is None:
+                    await _deployment_not_found(send, model, environment)
+                    return 404
+                if not retry_backends:
+                    await _no_ready_backend(send, model, environment)
+                    return 503
+                backends = retry_backends
+            backend = balancer.pick(key, backends, avoid)
+            url = backend.url
+            balancer.acquire(url)
+            released = False
+
+            def release() -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    balancer.release(url)  # noqa: B023 - only called within this iteration
+
+            try:
+                try:
+                    response = await upstream.request(url, method, target, headers, body.content(),
+                                                      content_length)
+                except UpstreamError as exc:
+                    self.metrics.backend_error(model, environment, exc.kind)
+                    if exc.retryable and attempt == 0 and body.replayable:
+                        log.info("backend %s of %s failed before responding (%s); retrying", url, key, exc)
+                        avoid = url
+                        continue  # to the retry, after `finally` released the backend
+                    log.warning("backend %s of %s failed: %s", url, key, exc)
+                    if exc.kind == "timeout":
+                        await send_error(send, 504, "GatewayTimeout", f"backend of {key} did not answer in time")
+                        return 504
+                    await send_error(send, 502, "BadGateway", f"backend of {key} failed: {exc}")
+                    return 502
+                try:
+                    await _relay(send, response, exchange, release)
+                except UpstreamError as exc:
+                    # The status line is gone already: all we can do is cut the response short.
+                    self.metrics.backend_error(model, environment, "stream")
+                    log.warning("backend %s of %s failed mid-response: %s", url, key, exc)
+                finally:
+                    response.close()
+                return response.status
+            finally:
+                release()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _relay(send: Send, response: UpstreamResponse, exchange: _Exchange,
+                 complete: Callable[[], None]) -> None:
+    """Stream the response to the client; ``complete()`` runs once the backend sent it all."""
+    drop = _RESPONSE_DROP
+    headers = [(name, value) for name, value in response.headers if name.lower() not in drop]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    while True:
+        chunk, last = await response.read()
+        if last:
+            complete()
+            exchange.finished = True
+            await send({"type": "http.response.body", "body": chunk, "more_body": False})
+            return
+        if chunk:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+async def _deployment_not_found(send: Send, model: str, environment: str) -> None:
+    await send_error(send, 404, "DeploymentNotFound",
+                     f'no deployment of model "{model}" in environment "{environment}"')
+
+
+async def _no_ready_backend(send: Send, model: str, environment: str) -> None:
+    await send_error(send, 503, "NoReadyBackend",
+                     f'deployment "{model}" in environment "{environment}" has no ready replica',
+                     [(b"retry-after", b"1")])
+
+
+def split_query(query: bytes) -> tuple[str, bytes]:
+    """(environment, the query string without ``environment``)."""
+    if b"environment" not in query:
+        return DEFAULT_ENVIRONMENT, query
+    environment = ""
+    found = False
+    kept: list[bytes] = []
+    for part in query.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if unquote_plus(name.decode("latin-1")) == "environment":
+            if not found:
+                environment = unquote_plus(value.decode("latin-1"))
+                found = True
+            continue
+        kept.append(part)
+    return environment or DEFAULT_ENVIRONMENT, b"&".join(kept)
+
+
+def forward_headers(scope: Scope, strip_authorization: bool) -> tuple[list[tuple[bytes, bytes]], int | None]:
+    """Headers to forward and the request's Content-Length (None when absent or chunked)."""
+    headers: list[tuple[bytes, bytes]] = []
+    forwarded_for = b""
+    host = b""
+    content_length: int | None = None
+    chunked = False
+    drop = _REQUEST_DROP
+    connection_tokens: set[bytes] | None = None
+    for name, value in scope["headers"]:
+        if name in drop:
+            if name == b"host":
+                host = value
+            elif name == b"connection":
+                connection_tokens = {t.strip().lower() for t in value.split(b",")}
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"content-length":
+                with contextlib.suppress(ValueError):
+                    content_length = int(value)
+            continue
+        if name == b"x-forwarded-for":
+            forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+            continue
+        if strip_authorization and name == b"authorization":
+            continue
+        headers.append((name, value))
+    if connection_tokens:
+        connection_tokens -= {b"close", b"keep-alive", b"content-length"}
+        headers = [(n, v) for n, v in headers if n not in connection_tokens]
+    client = scope.get("client")
+    if client:
+        address = client[0].encode()
+        forwarded_for = forwarded_for + b", " + address if forwarded_for else address
+    if forwarded_for:
+        headers.append((b"x-forwarded-for", forwarded_for))
+    headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+    if host:
+        headers.append((b"x-forwarded-host", host))
+    return headers, None if chunked else content_length
+
+
+class _Exchange:
+    """Per-request state shared with the disconnect watcher."""
+
+    __slots__ = ("_timer", "client_gone", "finished", "task", "watcher")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = asyncio.current_task()
+        self.finished = False
+        self.client_gone = False
+        self.watcher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, receive: Receive) -> None:
+        """Cancel the request's task if the client goes away (call once the request body is read).
+
+        Most requests are over in a few milliseconds: the watcher task only starts after
+        WATCH_DELAY, which keeps its cost off the fast path.
+        """
+        if self.watcher is None and self._timer is None and self.task is not None:
+            self._timer = asyncio.get_running_loop().call_later(WATCH_DELAY, self._start_watch, receive)
+
+    def _start_watch(self, receive: Receive) -> None:
+        self._timer = None
+        if not self.finished:
+            self.watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.finished and self.task is not None:
+                    self.client_gone = True
+                    self.task.cancel()
+                return
+
+    def close(self) -> None:
+        self.finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
+class _RequestBody:
+    """The request body: buffered when small (replayable), else streamed from ``receive``."""
+
+    __slots__ = ("_exchange", "_prefix", "_receive", "consumed", "more")
+
+    def __init__(self, receive: Receive, exchange: _Exchange) -> None:
+        self._receive = receive
+        self._exchange = exchange
+        self._prefix = b""
+        self.more = False  # more bytes remain in `receive` after the prefix
+        self.consumed = False  # bytes were taken from `receive` by a stream: not replayable
+
+    async def prefetch(self, content_length: int | None, limit: int) -> None:
+        if content_length is not None and content_length > limit:
+            self.more = True
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                raise _ClientGone
+            chunk: bytes = message.get("body", b"")
+            more: bool = message.get("more_body", False)
+            if not chunks and not more:
+                self._prefix = chunk
+                self._exchange.watch(self._receive)
+                return
+            chunks.append(chunk)
+            size += len(chunk)
+            if not more or size > limit:
+                self._prefix = b"".join(chunks)
+                self.more = more
+                if not more:
+                    self._exchange.watch(self._receive)
+                return
+
+    @property
+    def replayable(self) -> bool:
+        return not self.consumed
+
+    def content(self) -> bytes | AsyncIterator[bytes] | None:
+        if not self.more:
+            return self._prefix or None
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        if self._prefix:
+            yield self._prefix
+        self.consumed = True
+        while True:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                raise _ClientGone
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self._exchange.watch(self._receive)
+                return

@@ -1,0 +1,194 @@
+"""The gateway under test over real loopback HTTP: echo backends and the gateway as uvicorn servers in threads."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from modelfleet.reconciler.gateway.app import Gateway
+from modelfleet.reconciler.gateway.routes import Backend, RouteStore
+from modelfleet.reconciler.gateway.server import build_server
+from tests.http_server import ServerThread, bound_socket
+
+# GATEWAY_TEST_HTTP=h11 GATEWAY_TEST_LOOP=asyncio runs everything without httptools/uvloop.
+# GATEWAY_TEST_PARSER=h11 makes the gateway parse backend responses with h11 instead of httptools.
+HTTP_IMPL = os.environ.get("GATEWAY_TEST_HTTP", "auto")
+LOOP_IMPL = os.environ.get("GATEWAY_TEST_LOOP", "auto")
+PARSER = os.environ.get("GATEWAY_TEST_PARSER", "auto")
+# The backend response parsers, both exercised where it matters (httptools only when installed).
+PARSERS = ["h11", *(["httptools"] if importlib.util.find_spec("httptools") else [])]
+MiB = 1 << 20
+
+
+def serve(server: uvicorn.Server) -> ServerThread:
+    """A server thread for ``server``, on the HTTP and loop implementations chosen above."""
+    server.config.http = HTTP_IMPL
+    server.config.loop = LOOP_IMPL
+    return ServerThread(server)
+
+
+class EchoBackend:
+    """A tiny inference server: answers with its name and what it received.
+
+    ``/stream`` sends ``first`` and holds the rest until ``release`` is set; ``/slow?ms=N`` waits N ms.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bytes_seen = 0
+        self.requests = 0
+        self.release = threading.Event()
+        self.cancelled = threading.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        self.requests += 1
+        path: str = scope["path"]
+        query: bytes = scope["query_string"]
+        total = 0
+        head = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunk: bytes = message.get("body", b"")
+            total += len(chunk)
+            self.bytes_seen += len(chunk)
+            if len(head) < 4096:
+                head += chunk[:4096]
+            if not message.get("more_body", False):
+                break
+        if path == "/stream":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
+            deadline = time.monotonic() + 5
+            while not self.release.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            rest = b"second\n" if self.release.is_set() else b"held-back\n"
+            await send({"type": "http.response.body", "body": rest, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if path == "/slow":  # wait, unless the caller hangs up
+            sleeper = asyncio.ensure_future(asyncio.sleep(int(query.decode().partition("=")[2]) / 1000))
+            hangup = asyncio.ensure_future(receive())
+            await asyncio.wait({sleeper, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            if hangup.done():
+                sleeper.cancel()
+                self.cancelled.set()
+                return
+            hangup.cancel()
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        payload = json.dumps({
+            "backend": self.name, "method": scope["method"], "path": path,
+            "raw_path": scope["raw_path"].decode(), "query": query.decode(), "body_len": total,
+            "body": bytes(head[:200]).decode("latin-1"), "headers": headers,
+        }).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+            (b"x-backend", self.name.encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def stop_all(servers: list[ServerThread]) -> None:
+    """Stop servers in parallel (each one notices within uvicorn's 0.1 s tick)."""
+    for server in servers:
+        server.server.should_exit = True
+    for server in servers:
+        server.stop()
+
+
+def start_backend(name: str) -> tuple[EchoBackend, ServerThread]:
+    app = EchoBackend(name)
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    return app, serve(uvicorn.Server(config)).start()
+
+
+def route(server: ServerThread, name: str = "c") -> Backend:
+    return Backend(url=server.url, container=name, host="local")
+
+
+class GatewayUnderTest:
+    def __init__(self, state_dir: Path, token: str | None = None, parser: str = PARSER) -> None:
+        self.state_dir = state_dir
+        self.store = RouteStore(state_dir)  # what the daemon does
+        self.app = Gateway(state_dir, token=token, read_timeout=10, parser=parser)
+        self.thread = serve(build_server(self.app, "127.0.0.1", 0, log_level="warning", graceful_shutdown=2))
+        self.url = self.thread.url
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+
+    def publish(self, routes: dict[str, tuple[Backend, ...]]) -> int:
+        return self.store.publish(routes)
+
+    def wait_version(self, version: int, timeout: float = 2.0) -> float:
+        started = time.monotonic()
+        while self.app.table.version != version:
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"route table {version} not picked up (has {self.app.table.version})")
+            time.sleep(0.005)
+        return time.monotonic() - started
+
+
+def who(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return str(response.json()["backend"])
+
+
+class RawBackend:
+    """A hand-written HTTP server for the odd answers: ``/close-delimited`` (the body ends with the
+    connection), ``/informational`` (100 Continue first), ``/garbage``, ``/hangup`` (no answer)."""
+
+    def __init__(self) -> None:
+        self.sock = bound_socket()
+        self.sock.listen(16)
+        self.sock.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _handle(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            path = data.split(b" ", 2)[1]
+            if path.startswith(b"/close-delimited"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n"
+                             b"all of it, up to the end")
+            elif path.startswith(b"/informational"):
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                conn.recv(1)  # keep the connection until the gateway closes it
+            elif path.startswith(b"/garbage"):
+                conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(2)
+        self.sock.close()

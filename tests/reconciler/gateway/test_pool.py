@@ -1,0 +1,32 @@
+"""The upstream client against a hand-written backend: odd framings, informational answers, garbage, hang-ups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from modelfleet.reconciler.gateway.routes import Backend
+from tests.reconciler.gateway.harness import PARSERS, RawBackend, route, who
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_odd_backend_answers(raw_backend: RawBackend, backends: Any, make_gateway: Any, parser: str) -> None:
+    raw = Backend(raw_backend.url, "raw", "local")
+    gw = make_gateway({"m/production": (raw,)}, parser=parser)
+    response = gw.client.get("/models/m/close-delimited")
+    assert response.status_code == 200 and response.text == "all of it, up to the end"
+    response = gw.client.post("/models/m/informational", content=b"x")
+    assert response.status_code == 200 and response.text == "ok"
+    response = gw.client.get("/models/m/garbage")
+    assert response.status_code == 502 and response.json()["type"] == "BadGateway"
+    response = gw.client.get("/models/m/hangup")  # retried once on the same (only) backend, then 502
+    assert response.status_code == 502
+
+    _, b = backends("b")  # a backend that hangs up, another that answers: the retry saves the request
+    gw.wait_version(gw.publish({"m/production": (raw, route(b))}))
+    for _ in range(4):
+        assert who(gw.client.get("/models/m/hangup")) == "b"
+

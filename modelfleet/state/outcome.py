@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from modelfleet.state.inventory import InventoryRow
 from modelfleet.state.plan import ActionOutcome
-from modelfleet.state.planning import Plan, failed_rollout_marker
+from modelfleet.state.planning import SERVERLESS_NOT_ACTIVE, Plan, failed_rollout_marker
 from modelfleet.state.status import (
     AGGREGATE_CONTEXT,
     DISABLED,
@@ -118,7 +118,7 @@ def deployment_statuses(
             status, reason = "error", HOST_ERROR
             message = f"{len(ready_rows)}/{desired_running} replicas ready{why}"
         notes = plan.notes.get(key, [])
-        if notes and status == "success":
+        if SERVERLESS_NOT_ACTIVE in notes and status == "success":
             message += " (autoscaling not active yet)"
         prior = previous.get(key)
         result[key] = DeploymentStatus(

@@ -11,7 +11,7 @@ Every action the diff proposes but the pass will not take is in ``Plan.held``, w
 from __future__ import annotations
 
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from modelfleet.state.actual import ObservedReplica
 from modelfleet.state.desired import DeploymentState, DesiredReplica, DesiredState, OriginFacts, compute_desired
@@ -192,12 +192,11 @@ def plan(inputs: PlanInputs, memo: DesiredMemo | None = None) -> Plan:
     proposed = diff(desired, actual, owned)
     actions, held = _hold(proposed, failed, rows, wanted, suspect, inputs.unreachable, inputs.now)
     changes = InventoryChanges(tuple(forget), tuple(ids), tuple(unready), tuple(adopted), tuple(ready_updates))
-    since = {h: inputs.unreachable[h] for h in unreachable}
     route_keys = frozenset(route_key(*k) for k, s in desired.deployments.items() if s.enabled or s.frozen)
     notes = _notes(inputs.catalog, desired)
-    outcomes = _outcomes(desired, actions, held, failed, rows)
+    outcomes = _outcomes(desired, actions, held, failed)
     return Plan(inputs.catalog, desired, actions, held, changes, rows, checks, unanswered, unreachable, suspect,
-                down, since, failed, route_keys, outcomes, notes)
+                down, dict(inputs.unreachable), failed, route_keys, outcomes, notes)
 
 
 def _desired(inputs: PlanInputs, actual: list[ObservedReplica], down: frozenset[str],
@@ -249,8 +248,6 @@ def _readiness_checks(inputs: PlanInputs, rows: list[InventoryRow],
 
 
 def _with_ready(rows: list[InventoryRow], updates: list[ReadyUpdate]) -> list[InventoryRow]:
-    from dataclasses import replace
-
     by_name = {(u.host, u.name): u for u in updates}
     result = []
     for row in rows:
@@ -314,8 +311,8 @@ def _notes(catalog: Catalog, desired: DesiredState) -> dict[Key, list[str]]:
     return notes
 
 
-def _outcomes(desired: DesiredState, actions: list[Action], held: list[HeldAction], failed: Mapping[str, str],
-              rows: list[InventoryRow] | None) -> dict[Key, Outcome]:
+def _outcomes(desired: DesiredState, actions: list[Action], held: list[HeldAction],
+              failed: Mapping[str, str]) -> dict[Key, Outcome]:
     touched = {(a.model, a.environment) for a in actions}
     holds: dict[Key, list[HeldAction]] = {}
     for h in held:

@@ -21,3 +21,19 @@ def test_serverless_and_failure_threshold_say_they_are_not_active_yet() -> None:
     deployments = {d["environment"]: d for d in data["deployments"]}  # type: ignore[attr-defined]
     assert deployments["production"]["notes"] == [SERVERLESS_NOT_ACTIVE, FAILURE_THRESHOLD_NOT_ACTIVE]
     assert "notes" not in deployments["development"]  # nothing set that is not in effect
+
+
+def test_the_status_mentions_autoscaling_only_for_serverless_deployments() -> None:
+    from modelfleet.state.inventory import InventoryRow
+    from modelfleet.state.outcome import deployment_statuses
+
+    files = tree(**{"environments.yaml": environment("production"),
+                    "models/m.yaml": custom_model("m", "environment: production\nreplicas: 1\n"
+                                                  "runtime: {type: custom, image: x:1, readinessProbe: "
+                                                  "{path: /ping, failureThreshold: 5}}")})
+    result = plan(PlanInputs(catalog=load_tree(files), hosts=[host("h0")], revision="r", inventory=[]))
+    replica = result.desired.replicas[0]
+    row = InventoryRow("h0", "c", "id", "m", "production", 0, replica.spec_hash, "r", "active", True, "u", "p")
+    status = deployment_statuses(result, [row], [], {}, {}, 0.0)[("m", "production")]
+    assert status.state == "success" and status.notes == [FAILURE_THRESHOLD_NOT_ACTIVE]
+    assert "autoscaling" not in status.message

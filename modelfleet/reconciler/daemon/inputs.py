@@ -4,6 +4,7 @@ that both plan from the same facts the same way."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from modelfleet.reconciler.config import Config
 from modelfleet.reconciler.daemon.store import FACT_FAILED_ROLLOUTS, FACT_UNREACHABLE_SINCE, Store
@@ -41,11 +42,4 @@ def plan_with_probes(inputs: PlanInputs, prober: ReadinessProber, memo: DesiredM
     first = plan(inputs, memo)
     if not first.probes:
         return first
-    results = prober.probe_all(first.probes)
-    return plan(_with_results(inputs, results), memo)
-
-
-def _with_results(inputs: PlanInputs, results: dict[tuple[str, str], bool]) -> PlanInputs:
-    from dataclasses import replace
-
-    return replace(inputs, probe_results=results)
+    return plan(replace(inputs, probe_results=prober.probe_all(first.probes)), memo)

@@ -157,13 +157,6 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM inventory WHERE host=? AND name=?", (host, name))
 
-    def adopt(self, host: str, name: str, container_id: str) -> None:
-        """A container found on a host for a write-ahead row: now we know its id."""
-        with self._tx() as db:
-            db.execute("UPDATE inventory SET container_id=?, phase=CASE phase WHEN 'creating' THEN 'active'"
-                       " ELSE phase END, updated_at=? WHERE host=? AND name=?",
-                       (container_id, time.time(), host, name))
-
     def write_changes(self, changes: InventoryChanges) -> None:
         """The plan's inventory writes, in one transaction (a kill leaves all or none of them)."""
         if not changes:

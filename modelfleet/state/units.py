@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 _MEMORY_UNITS = {
     "": 1,
@@ -16,7 +19,31 @@ _MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
+_Parsed = TypeVar("_Parsed", int, float)
+_MEMO_MAX = 10_000
 
+
+def _memoized_text(parse: Callable[[object], _Parsed]) -> Callable[[object], _Parsed]:
+    """Remember what ``parse`` made of each text: a manifest tree repeats the same few quantities
+    (``256Mi``, ``30s``) thousands of times. Other inputs, and texts that fail, are parsed each time."""
+    memo: dict[str, _Parsed] = {}
+
+    @functools.wraps(parse)
+    def parse_memoized(value: object) -> _Parsed:
+        if type(value) is not str:
+            return parse(value)
+        found = memo.get(value)
+        if found is None:
+            found = parse(value)
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()
+            memo[value] = found
+        return found
+
+    return parse_memoized
+
+
+@_memoized_text
 def parse_memory(value: object) -> int:
     """Bytes from ``1Gi``, ``512Mi``, ``2G`` or a plain integer of bytes."""
     if isinstance(value, bool):
@@ -51,6 +78,7 @@ def format_memory(num_bytes: int) -> str:
     return f"{num_bytes}"
 
 
+@_memoized_text
 def parse_cpus(value: object) -> float:
     """CPUs as a float; accepts ``2``, ``0.5`` and Kubernetes-style millicores ``500m``."""
     if isinstance(value, bool):
@@ -69,6 +97,7 @@ def parse_cpus(value: object) -> float:
     return cpus
 
 
+@_memoized_text
 def parse_duration(value: object) -> float:
     """Seconds from ``30s``, ``5m``, ``1h30m``, ``500ms`` or a plain number of seconds."""
     if isinstance(value, bool):

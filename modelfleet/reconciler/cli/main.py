@@ -8,10 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from modelfleet.reconciler.config import Config, ConfigError, load_config, local_url
 from modelfleet.reconciler.secrets import read_secret
@@ -21,10 +18,34 @@ from modelfleet.state.loader import Catalog, gc_paused, load_tree
 from modelfleet.state.planning import Plan, PlanInputs, plan
 from modelfleet.state.units import format_memory
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+
+class _LazyConsole:
+    """A rich Console made on first use: importing rich.console and rich.markup is ~50 ms that
+    `plan --json` (which prints with the json module) never needs."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+err = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)
+out = _LazyConsole(highlight=False, soft_wrap=True)
 
 
 def _revision_of(path: Path) -> str:
@@ -160,6 +181,9 @@ def _plan_live(config: Config, catalog: Catalog, tree: DirectoryTree, revision: 
 
 
 def _print_plan(result: Plan, explain: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(title=f"Deployments at {result.desired.revision[:12]}", title_justify="left")
     for column in ("model", "environment", "runtime", "replicas", "hosts", "state"):
         table.add_column(column)
@@ -219,7 +243,7 @@ def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s",
-                        datefmt="[%X]", handlers=[RichHandler(console=err, show_path=False, markup=False)])
+                        datefmt="[%X]", handlers=[RichHandler(console=err.console, show_path=False, markup=False)])
     for noisy in ("apscheduler", "urllib3", "docker", "httpx", "httpcore", "git", "watchfiles"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -272,6 +296,8 @@ _STATE_STYLE = {"success": "green", "pending": "yellow", "failure": "red", "erro
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
     data = _api_get(args, "/api/v1/status")
     if args.json:
         print(json.dumps(data, indent=2))
@@ -295,6 +321,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
     data = _api_get(args, "/api/v1/hosts")
     if args.json:
         print(json.dumps(data, indent=2))

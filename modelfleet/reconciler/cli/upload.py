@@ -35,6 +35,7 @@ from rich.progress import (
 
 from modelfleet.reconciler.artifacts.errors import InvalidArtifact
 from modelfleet.reconciler.artifacts.mar import validate_mar
+from modelfleet.reconciler.secrets import read_secret
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 CHUNK = 1 << 20
@@ -117,9 +118,11 @@ def _endpoint(args: argparse.Namespace) -> tuple[str, str | None]:
     token = None
     if token_file:
         try:
-            token = Path(token_file).read_text(encoding="utf-8").strip() or None
+            token = read_secret(token_file)
         except OSError as exc:
             raise UploadFailed(f"cannot read the token file {token_file}: {exc.strerror}", EXIT_INVALID) from None
+        except UnicodeDecodeError:
+            raise UploadFailed(f"the token file {token_file} is not UTF-8 text", EXIT_INVALID) from None
     else:
         token = os.environ.get("MODELFLEET_API_TOKEN") or None
     return base, token

@@ -23,20 +23,23 @@ import re
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlsplit
 
 import httpx
 
-from modelfleet.reconciler.status import CommitStatus, State, StatusError, StatusWriter
-from modelfleet.reconciler.status.git_notes import GitNotesWriter, redact_url
+from modelfleet.reconciler.secrets import redact_url
+from modelfleet.reconciler.status import CommitStatus, State, StatusError
+
+if TYPE_CHECKING:
+    from modelfleet.reconciler.config import StatusSettings
 
 log = logging.getLogger("modelfleet.status.forges")
 
 GITHUB_API_URL = "https://api.github.com"
 USER_AGENT = "modelfleet-status/0.1"
-PROVIDERS = ("git-notes", "gitea", "github", "gitlab", "none")
 
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _SCP_LIKE = re.compile(r"^(?:[^@/:]+@)?(?P<host>[^:/]+):(?P<path>.+)$")
@@ -260,51 +263,51 @@ class GitLabWriter(_ForgeWriter):
         return response.status_code == 400 and "Cannot transition status" in response.text
 
 
-class NullWriter:
-    """Provider ``none``: statuses are not published anywhere."""
-
-    def publish(self, revision: str, statuses: list[CommitStatus]) -> None:
-        return None
-
-    def __repr__(self) -> str:
-        return "NullWriter()"
+# -- factories (registered in status/registry.py) --------------------------------------------------
 
 
-# -- factory ---------------------------------------------------------------------------------------
+def gitea_from_settings(settings: StatusSettings, *, repo_path: str, repo_url: str | None) -> GiteaWriter:
+    """Provider ``gitea``: owner/name from ``repo.url``; the API at ``status.url`` or the same host."""
+    base_url, segments, token = _forge_target("gitea", settings, repo_url)
+    return GiteaWriter(base_url, "/".join(segments[-2:]), token)
 
 
-def make_writer(provider: str, *, repo_path: str, repo_url: str | None = None, base_url: str | None = None,
-                token_file: str | None = None, push: bool = True) -> StatusWriter:
-    """The status writer for the ``status:`` settings.
+def github_from_settings(settings: StatusSettings, *, repo_path: str, repo_url: str | None) -> GitHubWriter:
+    """Provider ``github``: owner/name from ``repo.url``; the API at ``status.url``, else
+    api.github.com for github.com and ``https://HOST/api/v3`` (GitHub Enterprise Server) otherwise."""
+    base_url, segments, token = _forge_target("github", settings, repo_url, default_api=_github_api)
+    return GitHubWriter(base_url, "/".join(segments[-2:]), token)
 
-    ``git-notes`` writes into the daemon's clone at ``repo_path`` and pushes to its ``origin``.
-    Forge providers derive owner/name (GitLab: the full project path) from ``repo_url`` and,
-    when ``base_url`` is not given, the API base from the same host. ValueError on bad settings.
-    """
-    if provider == "git-notes":
-        return GitNotesWriter(repo_path, remote="origin", push=push)
-    if provider == "none":
-        return NullWriter()
-    if provider not in ("gitea", "github", "gitlab"):
-        raise ValueError(f"unknown status provider {provider!r} (expected one of: {', '.join(PROVIDERS)})")
+
+def gitlab_from_settings(settings: StatusSettings, *, repo_path: str, repo_url: str | None) -> GitLabWriter:
+    """Provider ``gitlab``: the full project path from ``repo.url``; the API at ``status.url`` or the same host."""
+    base_url, segments, token = _forge_target("gitlab", settings, repo_url)
+    return GitLabWriter(base_url, "/".join(segments), token)
+
+
+def _same_host(origin: str, host: str) -> str:
+    return origin
+
+
+def _github_api(origin: str, host: str) -> str:
+    return GITHUB_API_URL if host == "github.com" else f"{origin}/api/v3"
+
+
+def _forge_target(provider: str, settings: StatusSettings, repo_url: str | None,
+                  default_api: Callable[[str, str], str] = _same_host) -> tuple[str, list[str], str]:
+    """(API base URL, repository path segments, token) of a forge provider. ValueError on bad settings."""
     if not repo_url:
         raise ValueError(f"status provider {provider!r} needs the repository URL (repo.url)")
-    token = _read_token(provider, token_file)
+    token = _read_token(provider, settings.token_file)
     origin, host, segments = _split_repo_url(repo_url)
+    base_url = settings.url
     if base_url:
         prefix = [s for s in urlsplit(base_url).path.split("/") if s]
         if prefix and segments[: len(prefix)] == prefix:
             segments = segments[len(prefix):]  # forge served under a sub-path
     if len(segments) < 2:
         raise ValueError(f"cannot tell owner/name from repository URL {redact_url(repo_url)!r}")
-    if provider == "gitlab":
-        return GitLabWriter(base_url or origin, "/".join(segments), token)
-    owner_repo = "/".join(segments[-2:])
-    if provider == "gitea":
-        return GiteaWriter(base_url or origin, owner_repo, token)
-    if not base_url and host != "github.com":
-        base_url = f"{origin}/api/v3"  # GitHub Enterprise Server
-    return GitHubWriter(base_url or GITHUB_API_URL, owner_repo, token)
+    return base_url or default_api(origin, host), segments, token
 
 
 def _read_token(provider: str, token_file: str | None) -> str:

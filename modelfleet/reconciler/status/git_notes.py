@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import git
 from git.exc import CommandError, InvalidGitRepositoryError, NoSuchPathError
@@ -35,6 +35,9 @@ from gitdb.base import IStream
 
 from modelfleet.reconciler.secrets import redact_url
 from modelfleet.reconciler.status import NOTES_REF, CommitStatus, StatusError
+
+if TYPE_CHECKING:
+    from modelfleet.reconciler.config import StatusSettings
 
 log = logging.getLogger("modelfleet.status.git_notes")
 
@@ -191,6 +194,12 @@ class GitNotesWriter:
         detail = f"timed out after {self.timeout:g} s" if timed_out else _last_lines(err or out)
         return (f"cannot {operation} {NOTES_REF} of repository {self.repo_path} "
                 f"{'to' if operation == 'push' else 'from'} {redact_url(url)}: {detail}")
+
+
+def from_settings(settings: StatusSettings, *, repo_path: str, repo_url: str | None) -> GitNotesWriter:
+    """Provider ``git-notes`` (registered in status/registry.py): notes in the daemon's clone at
+    ``repo_path``, pushed to its ``origin`` unless ``status.push`` is false."""
+    return GitNotesWriter(repo_path, remote="origin", push=settings.push)
 
 
 def read_statuses(repo_path: str, revision: str) -> dict[str, dict[str, Any]]:

@@ -22,7 +22,10 @@ Mounted into the daemon API (``Starlette(routes=[..., *artifact_routes(store, to
 
 Every route needs ``Authorization: Bearer <api token>`` when a token is configured (401 otherwise).
 Bytes reach the disk as they arrive (batched writes in a worker thread); a dropped connection
-keeps what arrived, and HEAD tells where to resume. Abandoned sessions are removed after
+keeps what arrived, and HEAD tells where to resume. A full disk under stateDir is answered
+``507 {"error": "cannot write ...: disk full (N bytes free); free space under stateDir ..."}``
+(another write failure: 500 with the same shape); the temporary file or the session is removed,
+so nothing half written is kept or ever visible in the store. Abandoned sessions are removed after
 ``abandon_after`` seconds (checked when sessions are created).
 """
 
@@ -42,12 +45,15 @@ from modelfleet.reconciler.artifacts.errors import InvalidArtifact
 from modelfleet.reconciler.artifacts.mar import DEFAULT_LIMITS, MarLimits, validate_mar
 from modelfleet.reconciler.artifacts.store import ArtifactStore, normalize_digest
 from modelfleet.reconciler.artifacts.uploads import (
+    NOTHING_STORED,
     UploadError,
     UploadManager,
     artifact_json,
     mar_meta,
+    storage_error,
 )
 from modelfleet.reconciler.secrets import bearer_token_matches
+from modelfleet.reconciler.statedir import StoreError
 
 log = logging.getLogger("modelfleet.api.artifacts")
 WRITE_BATCH = 4 << 20  # bytes gathered before one write (in a worker thread)
@@ -147,11 +153,15 @@ def artifact_routes(
                 return error(409, f"offset mismatch: the upload has {state.offset} bytes, got Upload-Offset {offset}",
                              {"Upload-Offset": str(state.offset)}, offset=state.offset)
             limit = state.size if state.size is not None else manager.max_size
-            appender = await run_in_threadpool(manager.appender, upload_id, offset)
+            try:
+                appender = await run_in_threadpool(manager.appender, upload_id, offset)
+            except StoreError as exc:
+                return error(507 if exc.disk_full else 500, exc.message)
             received = offset
             batch = bytearray()
             disconnected = False
             too_big = False
+            failed: StoreError | None = None
             try:
                 async for chunk in request.stream():
                     received += len(chunk)
@@ -164,10 +174,22 @@ def artifact_routes(
                         batch.clear()
             except ClientDisconnect:
                 disconnected = True
+            except StoreError as exc:
+                failed = exc
             finally:
-                if batch and not too_big:
-                    await run_in_threadpool(appender.write, bytes(batch))
+                try:
+                    if batch and not too_big and failed is None:
+                        await run_in_threadpool(appender.write, bytes(batch))
+                except StoreError as exc:
+                    failed = exc
                 new_offset = await run_in_threadpool(appender.close)
+            if failed is not None:
+                # The rest cannot fit: drop the session now (its bytes would keep the disk full).
+                await run_in_threadpool(manager.abort, upload_id)
+                locks.pop(upload_id, None)
+                log.warning("upload %s: %s", upload_id[:8], failed.message)
+                answer = storage_error(failed, "the upload was removed: " + NOTHING_STORED)
+                return error(answer.status, answer.message)
             if disconnected:
                 log.info("upload %s: client went away at offset %d; it can resume", upload_id[:8], new_offset)
                 return Response(status_code=400)
@@ -205,7 +227,11 @@ def artifact_routes(
                 normalize_digest(expected)
             except ValueError as exc:
                 return error(400, str(exc))
-        writer = await run_in_threadpool(store.writer)
+        try:
+            writer = await run_in_threadpool(store.writer)
+        except StoreError as exc:
+            answer = storage_error(exc, NOTHING_STORED)
+            return error(answer.status, answer.message)
         batch = bytearray()
         size = 0
         try:
@@ -231,10 +257,17 @@ def artifact_routes(
             return Response(status_code=400)
         except InvalidArtifact as exc:
             return error(422, exc.message)
+        except StoreError as exc:
+            log.warning("upload of %s failed: %s", name, exc.message)
+            answer = storage_error(exc, NOTHING_STORED)
+            return error(answer.status, answer.message)
         finally:
-            writer.abort()  # no-op after a commit
+            await run_in_threadpool(writer.abort)  # no-op after a commit; removes the temporary file
         meta = {"name": name, **mar_meta(mar)}
-        await run_in_threadpool(store.put_meta, artifact.digest, {**meta})
+        try:
+            await run_in_threadpool(store.put_meta, artifact.digest, {**meta})
+        except StoreError as exc:  # informative only: the artifact is stored and complete
+            log.warning("artifact %s stored without its metadata: %s", artifact.ref, exc.message)
         return JSONResponse(artifact_json(artifact, meta), status_code=201)
 
     async def list_artifacts(request: Request) -> Response:

@@ -8,6 +8,10 @@ leaves either nothing or a complete, correctly named file (plus a stale temporar
 
 Small JSON metadata (the upload's file name, the archive's model name) lives beside the objects
 in ``<stateDir>/artifacts/meta/<hex>.json``; it is informative only, never needed to serve a file.
+
+A write that fails (a full disk, an I/O error) raises a StoreError (``disk_full`` set when the disk
+is full; the upload API answers 507) after removing the temporary file: nothing half written is
+left behind, and nothing half written is ever visible.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from modelfleet.reconciler.artifacts.errors import ArtifactNotFound
+from modelfleet.reconciler.statedir import write_failure
 
 _DIGEST = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
 _TEMP_PREFIX = ".ingest-"
 CHUNK_SIZE = 1 << 20
+WHAT = "the artifact store"
 
 
 def normalize_digest(digest: str) -> str:
@@ -75,15 +81,24 @@ class ArtifactWriter:
     def __init__(self, store: ArtifactStore) -> None:
         self._store = store
         self.temp_path = store.objects / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
-        self._file: IO[bytes] | None = open(self.temp_path, "xb")  # noqa: SIM115 - closed in commit/abort
         self._hash = hashlib.sha256()
         self.size = 0
         self._done = False
+        self._file: IO[bytes] | None = None
+        try:
+            self._file = open(self.temp_path, "xb")  # noqa: SIM115 - closed in commit/abort
+        except OSError as exc:
+            self.abort()
+            raise write_failure(store.objects, exc, WHAT) from exc
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         assert self._file is not None, "writer is closed"
+        try:
+            self._file.write(chunk)
+        except OSError as exc:
+            self.abort()  # what reached the disk is unknown: this ingestion is over
+            raise write_failure(self._store.objects, exc, WHAT) from exc
         self._hash.update(chunk)
-        self._file.write(chunk)
         self.size += len(chunk)
 
     @property
@@ -93,8 +108,12 @@ class ArtifactWriter:
     def flush(self) -> None:
         """Flush and fsync what was written so far (the file is still not visible in the store)."""
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as exc:
+                self.abort()
+                raise write_failure(self._store.objects, exc, WHAT) from exc
 
     def commit(self, expected: str | None = None) -> StoredArtifact:
         """fsync, check ``expected`` (ValueError on mismatch, nothing stored), rename into place."""
@@ -107,9 +126,12 @@ class ArtifactWriter:
             if expected is not None and normalize_digest(expected) != digest:
                 raise ValueError(f"content has sha256:{digest}, expected {reference(expected)}")
             final = self._store.objects / digest
-            os.replace(self.temp_path, final)  # same directory: atomic; same content if it existed
-            _fsync_dir(self._store.objects)
-            self._done = True
+            try:
+                os.replace(self.temp_path, final)  # same directory: atomic; same content if it existed
+                self._done = True  # in place and complete: an fsync failure below must not remove it
+                _fsync_dir(self._store.objects)
+            except OSError as exc:
+                raise write_failure(self._store.objects, exc, WHAT) from exc
             return self._store.get(digest)
         finally:
             if not self._done:
@@ -178,10 +200,13 @@ class ArtifactStore:
         """
         hexdigest = normalize_digest(digest)
         source = Path(path)
-        with open(source, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(source, self.objects / hexdigest)
-        _fsync_dir(self.objects)
+        try:
+            with open(source, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(source, self.objects / hexdigest)
+            _fsync_dir(self.objects)
+        except OSError as exc:
+            raise write_failure(self.objects, exc, WHAT) from exc
         return self.get(hexdigest)
 
     # --- reading ----------------------------------------------------------------------------
@@ -236,8 +261,13 @@ class ArtifactStore:
         hexdigest = normalize_digest(digest)
         target = self.meta_dir / f"{hexdigest}.json"
         temp = self.meta_dir / f".{hexdigest}.{secrets.token_hex(4)}.tmp"
-        temp.write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
-        os.replace(temp, target)
+        try:
+            temp.write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
+            os.replace(temp, target)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            raise write_failure(self.meta_dir, exc, WHAT) from exc
 
     def meta(self, digest: str) -> dict[str, Any]:
         try:

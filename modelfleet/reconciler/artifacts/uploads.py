@@ -6,6 +6,10 @@ offset). The sha256 is computed while the data arrives and kept in memory per se
 daemon restart it is recomputed from the file once, at completion. Completing verifies the
 digest, validates a ``.mar``, then renames the file into the store (same filesystem: atomic).
 Sessions untouched for ``abandon_after`` seconds are removed. Ids are 192 random bits.
+
+A full disk is answered with 507 (``UploadError``): a session whose data no longer fits is
+removed at once (its bytes would keep the disk full; the client uploads again once there is
+room), and nothing half written ever reaches the store.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -26,7 +31,9 @@ from typing import IO, Any
 from modelfleet.reconciler.artifacts.errors import InvalidArtifact
 from modelfleet.reconciler.artifacts.mar import DEFAULT_LIMITS, MarInfo, MarLimits, validate_mar
 from modelfleet.reconciler.artifacts.store import ArtifactStore, StoredArtifact, normalize_digest
+from modelfleet.reconciler.statedir import StoreError, write_failure
 
+log = logging.getLogger("modelfleet.artifacts.uploads")
 _ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
 _NAME = re.compile(r"^[^/\\\x00]{1,255}$")
 DISK_MARGIN = 64 << 20
@@ -40,6 +47,14 @@ class UploadError(Exception):
         self.status = status
         self.message = message
         self.extra = extra
+
+
+def storage_error(exc: StoreError, then: str) -> UploadError:
+    """The answer to a write under stateDir that failed: 507 when the disk is full, else 500."""
+    return UploadError(507 if exc.disk_full else 500, f"{exc.message}; {then}")
+
+
+NOTHING_STORED = "nothing was stored: upload again once there is room"
 
 
 @dataclass(frozen=True)
@@ -89,15 +104,19 @@ class Appender:
         self.id = upload_id
         self.offset = offset
         self._hash = manager._take_hash(upload_id, offset)
-        self._file: IO[bytes] | None = open(manager._part(upload_id), "ab")  # noqa: SIM115 - closed in close()
+        try:
+            self._file: IO[bytes] | None = open(manager._part(upload_id), "ab")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise write_failure(manager.dir, exc, "the upload") from exc
 
     def write(self, data: bytes) -> None:
+        """StoreError when the bytes cannot be written (``disk_full`` when the disk is full)."""
         assert self._file is not None
         try:
             self._file.write(data)
-        except OSError:
+        except OSError as exc:
             self._hash = None  # what reached the disk is unknown now: recompute at completion
-            raise
+            raise write_failure(self._manager.dir, exc, "the upload") from exc
         if self._hash is not None:
             self._hash.update(data)
         self.offset += len(data)
@@ -107,7 +126,8 @@ class Appender:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.flush()
-            self._file.close()
+            with contextlib.suppress(OSError):  # a flush that failed above fails again in close
+                self._file.close()
             self._file = None
         real = self._manager._part(self.id).stat().st_size
         if real != self.offset:
@@ -178,11 +198,17 @@ class UploadManager:
                 raise UploadError(507, f"not enough disk space for {size} bytes ({free} free)")
         upload_id = secrets.token_urlsafe(24)
         now = time.time()
-        self._part(upload_id).touch()
         meta = {"id": upload_id, "name": name, "size": size, "sha256": digest, "created": now}
         temp = self.dir / f".{upload_id}.tmp"
-        temp.write_text(json.dumps(meta), encoding="utf-8")
-        os.replace(temp, self._meta(upload_id))
+        try:
+            self._part(upload_id).touch()
+            temp.write_text(json.dumps(meta), encoding="utf-8")
+            os.replace(temp, self._meta(upload_id))
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            self.abort(upload_id)
+            raise storage_error(write_failure(self.dir, exc, "the upload"), "no upload was started") from None
         return UploadState(upload_id, name, 0, size, digest, now, now)
 
     def get(self, upload_id: str) -> UploadState | None:
@@ -233,8 +259,15 @@ class UploadManager:
             except InvalidArtifact as exc:
                 self.abort(upload_id)
                 raise UploadError(422, exc.message) from None
-        artifact = self.store.adopt(part, digest)
-        self.store.put_meta(digest, {"name": state.name, "uploaded": time.time(), **mar_meta(mar)})
+        try:
+            artifact = self.store.adopt(part, digest)
+        except StoreError as exc:
+            self.abort(upload_id)  # its bytes would keep the disk full
+            raise storage_error(exc, NOTHING_STORED) from None
+        try:
+            self.store.put_meta(digest, {"name": state.name, "uploaded": time.time(), **mar_meta(mar)})
+        except StoreError as exc:  # informative only: the artifact is stored and complete
+            log.warning("artifact %s stored without its metadata: %s", artifact.ref, exc)
         self.abort(upload_id)
         return CompletedUpload(artifact, state.name, mar)
 

@@ -720,6 +720,23 @@ def heal(host: TestHost, timeout: float = 10.0) -> None:
     wait_ready([host], timeout)
 
 
+def restart_dockerd(host: TestHost, down_for: float = 0.0, timeout: float = 30.0) -> None:
+    """Restart the host's dockerd (as `systemctl restart docker` would): SIGTERM, which stops its
+    containers, then the same command line again after ``down_for`` seconds; containerd keeps running.
+    Containers with a restart policy come back as dockerd starts; returns once its API answers."""
+    argv = [a.decode() for a in Path(f"/proc/{host.pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")]
+    if not argv or os.path.basename(argv[0]) != "dockerd":
+        raise HarnessError(f"{host.name}: pid {host.pid} is not its dockerd ({argv[:1]})")
+    os.kill(host.pid, signal.SIGTERM)
+    if still := _wait_dead([host.pid], timeout):
+        raise HarnessError(f"{host.name}: dockerd {still} did not exit within {timeout:.0f} s")
+    time.sleep(down_for)
+    dockerd = _spawn(host.netns, argv, host.log_path, hostname=host.name)
+    host.pid = dockerd.pid
+    _CHILDREN.setdefault(host.name.rstrip("0123456789"), []).append(dockerd)
+    wait_ready([host], timeout)
+
+
 def _sink_name(host: TestHost) -> str:
     return f"{host.name}s"
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
+from modelfleet.reconciler.status import registry as status_registry
 from modelfleet.state.errors import ManifestError
 from modelfleet.state.loader import Source, pydantic_errors
 from modelfleet.state.manifests import Duration
@@ -68,11 +71,29 @@ class RepoSettings(_Settings):
     webhook_secret_file: ConfigPath | None = None
 
 
+def _valid_http_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, e.g. http://10.0.0.1:8081 (the daemon's api.listen); "
+                         f"got {url!r}")
+    return url
+
+
+HttpUrl = Annotated[str, AfterValidator(_valid_http_url)]
+
+
 class GatewaySettings(_Settings):
     listen: ListenAddress = "127.0.0.1:8080"
     # "child": `modelfleet run` starts and supervises a gateway; "external": it runs on its own.
     mode: Literal["child", "external"] = "child"
     token_file: ConfigPath | None = None
+    # Where the gateway sends its demand reports (serverless activation, autoscaling): the daemon's
+    # API; default local_url(api.listen), with the token in api.tokenFile.
+    control_plane: HttpUrl | None = None
+    control_plane_token_file: ConfigPath | None = None
+    # The gateway's id in its reports (default <hostname>:<pid>) and its location, if any.
+    id: str | None = Field(default=None, min_length=1, max_length=200)
+    location: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 class ApiSettings(_Settings):
@@ -80,8 +101,17 @@ class ApiSettings(_Settings):
     token_file: ConfigPath | None = None
 
 
+def _registered_provider(value: Any) -> Any:
+    """``status.provider`` must name a provider of status/registry.py (which imports no client)."""
+    if isinstance(value, str) and value in status_registry.PROVIDERS:
+        return value
+    raise PydanticCustomError("literal_error", "Input should be {expected}",
+                              {"expected": status_registry.describe_names()})
+
+
 class StatusSettings(_Settings):
-    provider: Literal["git-notes", "gitea", "github", "gitlab", "none"] = "git-notes"
+    # One of the names in modelfleet/reconciler/status/registry.py.
+    provider: Annotated[str, BeforeValidator(_registered_provider)] = "git-notes"
     url: str | None = None
     token_file: ConfigPath | None = None
     # Push the notes ref back to the remote (git-notes provider).

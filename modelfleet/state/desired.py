@@ -180,7 +180,7 @@ def _compute_desired(
     eligible_tuples: dict[int, tuple[str, ...]] = {}
     for entry in catalog.deployments():
         state = _resolve(entry, catalog, hosts, down_hosts, facts, demand.get(entry.key, 0), eligibility,
-                         policy_layers)
+                         policy_layers, len(previous.get(entry.key, ())) if previous else 0)
         states[state.key] = state
         if state.frozen:
             frozen.add(state.key)
@@ -230,12 +230,13 @@ def _active_replicas(spec: Deployment, demand: int) -> int:
     return max(spec.serverless.min_replicas, min(demand, spec.serverless.max_replicas))
 
 
-def _slots(spec: Deployment) -> int:
+def _slots(spec: Deployment, placed: int = 0) -> int:
     """Containers to place. A serverless deployment keeps at least one (stopped) standby so a
-    cold start is a container start, not an image pull and an artifact transfer."""
+    cold start is a container start, not an image pull and an artifact transfer; the ``placed``
+    replicas it has now (up to maxReplicas) stay, stopped when not needed."""
     if spec.serverless is None:
         return spec.desired_replicas
-    return max(spec.serverless.min_replicas, 1)
+    return max(spec.serverless.min_replicas, 1, min(placed, spec.serverless.max_replicas))
 
 
 def _resolve(
@@ -247,6 +248,7 @@ def _resolve(
     demand: int = 0,
     eligibility: dict[tuple[object, ...], tuple[list[str], dict[str, str]]] | None = None,
     policy_layers: dict[tuple[str, tuple[str, ...]], _Layers] | None = None,
+    placed: int = 0,
 ) -> DeploymentState:
     spec = entry.spec
     # Errors of the Model itself (e.g. two deployments on one environment) invalidate, and so
@@ -302,8 +304,9 @@ def _resolve(
     runtime = resolve_runtime(spec, hf_commit, metadata, facts.prefer_official)
     state.runtime = runtime
     state.serverless = spec.serverless is not None
-    # Serverless under demand needs more than its standby slot: place what should run.
-    state.replicas = max(_slots(spec), _active_replicas(spec, demand)) if spec.enabled else 0
+    # Serverless under demand needs more than its standby slot: place what should run. Replicas
+    # that scaled down stay as stopped standbys (up to maxReplicas): the next scale-up is a start.
+    state.replicas = max(_slots(spec, placed), _active_replicas(spec, demand)) if spec.enabled else 0
     state.origin = resolved_origin(spec, catalog.artifact_digests, hf_commits)
     state.spec_hash = spec_hash(runtime, state.origin)
     requested = frozenset(spec.flavors)

@@ -32,7 +32,16 @@ from modelfleet.state.manifests import (
 from modelfleet.state.yaml_source import Document, Path, YamlSyntaxError, parse_documents
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
-MAX_MANIFEST_BYTES = 4 * 2**20  # a manifest larger than this is a mistake (e.g. a model file named .yaml)
+MAX_MANIFEST_BYTES = 2**20  # a manifest larger than this is a mistake (e.g. a model file named .yaml)
+
+
+class UnreadableFile(Exception):
+    """Raised by a tree for a file it will not read (larger than a manifest may be, checked before
+    reading): the loader reports it as that file's error, like a file that does not parse."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message, self.hint = message, hint
 
 
 @dataclass(frozen=True)
@@ -207,7 +216,13 @@ def load_tree(files: Mapping[str, bytes]) -> Catalog:
     with gc_paused():
         for path in sorted(files):
             if is_manifest_path(path):
-                _load_file(catalog, path, files[path])
+                try:
+                    raw = files[path]
+                except UnreadableFile as exc:
+                    catalog.errors.append(ManifestError(path, 0, "", exc.message, exc.hint))
+                    catalog.complete = False
+                    continue
+                _load_file(catalog, path, raw)
     _check_references(catalog)
     _digest_artifacts(catalog, files)
     return catalog

@@ -249,7 +249,7 @@ class Resources(Strict):
 
 
 class ReadinessProbe(Strict):
-    """The HTTP GET a new replica must answer before it gets traffic."""
+    """The HTTP GET a new replica must answer before it gets traffic, and a ready one to keep it."""
 
     path: str = Field("/", description="The path to GET; starts with '/'.", json_schema_extra={"pattern": "^/"})
     port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
@@ -257,8 +257,9 @@ class ReadinessProbe(Strict):
     initial_delay: Duration = Field(0.0, description="Wait before the first probe (e.g. 5s).")
     period: Duration = Field(1.0, description="Time between probes.")
     timeout: Duration = Field(2.0, description="Timeout of one probe.")
-    failure_threshold: Annotated[int, Field(ge=1)] = Field(3, description="Failed probes in a row that count as "
-                                                                          "a failure (accepted, not used yet).")
+    failure_threshold: Annotated[int, Field(ge=1)] = Field(3, description="Failed probes in a row after which a "
+                                                                          "ready replica leaves the routes (until it "
+                                                                          "answers again).")
 
     @field_validator("path")
     @classmethod
@@ -310,20 +311,57 @@ class Runtime(Strict):
 
 
 class Serverless(Strict):
-    """Replicas follow demand instead of a fixed count; with minReplicas 0 a stopped standby is kept."""
+    """Replicas follow demand (Knative KPA's shape) instead of a fixed count; with minReplicas 0 a stopped
+    standby is kept. The defaults are chosen so the count does not flap."""
 
     min_replicas: Annotated[int, Field(ge=0, le=1000)] = Field(0, description="Replicas kept when idle (0: scale "
                                                                               "to zero).")
     max_replicas: Annotated[int, Field(ge=1, le=1000)] = Field(1, description="Replicas at most, under load.")
     metric: Literal["concurrency", "rps"] = Field("concurrency", description="What target is measured in: "
                                                                            "requests in flight or per second.")
-    target: Annotated[float, Field(gt=0)] = Field(10, description="The metric's value per replica to scale at.")
-    scale_down_delay: Duration = Field(300.0, description="How long demand stays low before replicas stop.")
+    target: Annotated[float, Field(gt=0)] = Field(10, description="The metric's value per replica to scale at: "
+                                                                  "replicas = ceil(metric / target).")
+    scale_down_delay: Duration = Field(300.0, description="A lower non-zero replica count is applied only after "
+                                                          "the wanted count has stayed below the running one for "
+                                                          "this long.")
+    scale_to_zero_grace: Duration = Field(30.0, description="With minReplicas 0, the last replica stops after this "
+                                                            "long without traffic (no request arrived, none in "
+                                                            "flight, none queued); at least 1s.")
+    stable_window: Duration = Field(60.0, description="The metric is averaged over this window to scale by; "
+                                                      "longer than panicWindow, at most 1h.")
+    panic_window: Duration = Field(6.0, description="The short window that detects bursts; at least 1s, shorter "
+                                                    "than stableWindow.")
+    panic_threshold: float = Field(2.0, description="Panic (scale up at once, never down) when the panic window "
+                                                    "wants this many times the running replicas (2.0 = 200%); "
+                                                    "more than 1.", json_schema_extra={"exclusiveMinimum": 1})
+    queue: Annotated[int, Field(ge=1, le=100000)] = Field(100, description="Requests a gateway holds for this "
+                                                                           "deployment while it activates.")
+    activation_timeout: Duration = Field(60.0, description="How long a held request waits for a ready replica "
+                                                           "before the gateway answers 503; more than 0.")
 
     @model_validator(mode="after")
     def _bounds(self) -> Serverless:
+        problems = []
         if self.min_replicas > self.max_replicas:
-            raise ValueError("serverless.minReplicas must not exceed serverless.maxReplicas")
+            problems.append(f"serverless.minReplicas must not exceed serverless.maxReplicas (got "
+                            f"{self.min_replicas} > {self.max_replicas}): lower minReplicas or raise maxReplicas")
+        if self.panic_window < 1:
+            problems.append(f"serverless.panicWindow must be at least 1s (got {self.panic_window:g}s)")
+        if self.stable_window > 3600:
+            problems.append(f"serverless.stableWindow must be at most 1h (got {self.stable_window:g}s)")
+        if self.panic_window >= self.stable_window:
+            problems.append(f"serverless.panicWindow ({self.panic_window:g}s) must be shorter than "
+                            f"serverless.stableWindow ({self.stable_window:g}s): e.g. panicWindow 6s, "
+                            "stableWindow 60s")
+        if self.panic_threshold <= 1:
+            problems.append(f"serverless.panicThreshold must be more than 1 (got {self.panic_threshold:g}; "
+                            "2.0 panics at 200% of what runs)")
+        if self.scale_to_zero_grace < 1:
+            problems.append(f"serverless.scaleToZeroGrace must be at least 1s (got {self.scale_to_zero_grace:g}s)")
+        if self.activation_timeout <= 0:
+            problems.append("serverless.activationTimeout must be more than 0 (e.g. 60s)")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

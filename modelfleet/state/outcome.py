@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from modelfleet.state.inventory import InventoryRow
 from modelfleet.state.plan import ActionOutcome
-from modelfleet.state.planning import SERVERLESS_NOT_ACTIVE, Plan, failed_rollout_marker
+from modelfleet.state.planning import Plan, failed_rollout_marker, scale_json
 from modelfleet.state.status import (
     AGGREGATE_CONTEXT,
     DISABLED,
@@ -117,12 +117,18 @@ def deployment_statuses(
             why = f"; host(s) down: {', '.join(down)}" if down else ""
             status, reason = "error", HOST_ERROR
             message = f"{len(ready_rows)}/{desired_running} replicas ready{why}"
+            ready_names = {r.name for r in ready_rows}
+            for name, not_ready in sorted(plan.not_ready.get(key, {}).items()):
+                if name not in ready_names:
+                    message += f"; {not_ready}"
         notes = plan.notes.get(key, [])
-        if SERVERLESS_NOT_ACTIVE in notes and status == "success":
-            message += " (autoscaling not active yet)"
+        decision = plan.scaling.get(key)
+        if decision is not None and not state.errors:
+            message += f"; autoscaler: {decision.reason}"
         prior = previous.get(key)
         result[key] = DeploymentStatus(
             state.model, state.environment, status, reason, message, hosts, len(ready_rows), desired_running,
             revision, conditions_for(status, reason, message, prior.conditions if prior else None, now),
-            origin=state.origin, notes=list(notes))
+            origin=state.origin, notes=list(notes),
+            autoscaler=scale_json(decision) if decision is not None else None)
     return result

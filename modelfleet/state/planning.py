@@ -11,14 +11,15 @@ Every action the diff proposes but the pass will not take is in ``Plan.held``, w
 from __future__ import annotations
 
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from modelfleet.state.actual import ObservedReplica
+from modelfleet.state.autoscaler import ScaleDecision, ScalerMemory, decide
+from modelfleet.state.demand import LoadSample
 from modelfleet.state.desired import DeploymentState, DesiredReplica, DesiredState, OriginFacts, compute_desired
 from modelfleet.state.inventory import (
     InventoryChanges,
     InventoryRow,
-    ReadyUpdate,
     adoptable,
     adopted_row,
     reconcile_inventory,
@@ -26,6 +27,14 @@ from modelfleet.state.inventory import (
 from modelfleet.state.loader import Catalog, load_tree
 from modelfleet.state.plan import Action, diff
 from modelfleet.state.pool import Host
+from modelfleet.state.readiness import (
+    ReadinessCheck,
+    ReadinessVerdict,
+    failures_after,
+    judge,
+    readiness_checks,
+    with_verdict,
+)
 from modelfleet.state.routes import route_key
 from modelfleet.state.status import (
     DISABLED,
@@ -39,10 +48,6 @@ from modelfleet.state.status import (
 )
 
 Key = tuple[str, str]
-SERVERLESS_NOT_ACTIVE = ("serverless autoscaling (metric, target, scaleDownDelay) is not active yet: "
-                         "the deployment keeps minReplicas running (a stopped standby at 0)")
-FAILURE_THRESHOLD_NOT_ACTIVE = ("readinessProbe.failureThreshold is not active yet: a replica is probed until it is "
-                                "ready, then the gateway's retries cover a replica that stops answering")
 
 
 def failed_rollout_marker(model: str, environment: str, spec_hash: str) -> str:
@@ -68,8 +73,18 @@ class PlanInputs:
     failed_rollouts: Mapping[str, str] = field(default_factory=dict)
     # Answers to Plan.probes: (host, container name) -> answered its readiness probe. None: not probed.
     probe_results: Mapping[tuple[str, str], bool] | None = None
+    # Failed readiness probes in a row of ready replicas: failure_key(host, container id) -> count (a store fact).
+    probe_failures: Mapping[str, int] = field(default_factory=dict)
     origin_facts: OriginFacts | None = None
+    # Replicas that should run, per serverless deployment, given as is (tests, offline planning);
+    # with ``load`` the autoscaler decides them instead.
     demand: Mapping[Key, int] | None = None
+    # The gateways' load per route key (state/demand.py), on the ``monotonic`` clock. None: not
+    # known (`modelfleet plan`): serverless deployments keep the replicas they run.
+    load: Mapping[str, Sequence[LoadSample]] | None = None
+    scaler_memory: Mapping[Key, ScalerMemory] = field(default_factory=dict)
+    watching_since: float = 0.0  # since when load reports are received (monotonic clock)
+    monotonic: float = 0.0  # the monotonic clock: durations measured by this process
     now: float = 0.0
     down_after: float = 10.0  # docker.downAfter
     auto_revert: bool = True  # rollout.autoRevert
@@ -84,19 +99,6 @@ class HeldAction:
 
     def to_json(self) -> dict[str, object]:
         return {**self.action.to_json(), "held": self.why}
-
-
-@dataclass(frozen=True)
-class ReadinessCheck:
-    """A replica that runs but is not known ready (after a restart mid-rollout, or restarted by
-    Docker): the shell probes it and plans again with the answer."""
-
-    host: str
-    name: str
-    container_id: str
-    url: str
-    probe_url: str
-    fill_urls: bool
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,15 @@ class Plan:
     route_keys: frozenset[str]
     outcomes: dict[Key, Outcome]
     notes: dict[Key, list[str]]
+    # The autoscaler's decision per serverless deployment (empty when the load is not known).
+    scaling: dict[Key, ScaleDecision] = field(default_factory=dict)
+    # Readiness (state/readiness.py): the replicas the monitor re-probes until the next pass (those
+    # checked this pass, but for the ones the actions take down), failed probes in a row to
+    # remember, why running replicas are not ready.
+    monitored: list[ReadinessCheck] = field(default_factory=list)
+    probe_failures: dict[str, int] = field(default_factory=dict)
+    not_ready: dict[Key, dict[str, str]] = field(default_factory=dict)  # container name -> why
+    left_routes: list[str] = field(default_factory=list)  # why each replica this pass took out of the routes
 
     def pending_touched(self) -> set[Key]:
         return {(a.model, a.environment) for a in self.actions}
@@ -139,7 +150,14 @@ class Plan:
         if self.inventory:
             data["inventory"] = self.inventory.to_json()
         data["hosts"] = {"unreachable": sorted(self.suspect_hosts), "down": sorted(self.down_hosts)}
+        if self.scaling:
+            data["scaling"] = {f"{m}/{e}": scale_json(d) for (m, e), d in sorted(self.scaling.items())}
         return data
+
+
+def scale_json(decision: ScaleDecision) -> dict[str, object]:
+    return {"desired": decision.desired, "reason": decision.reason, "metric": decision.metric,
+            "value": round(decision.value, 3), "panicking": decision.panicking}
 
 
 def plan(inputs: PlanInputs, memo: DesiredMemo | None = None) -> Plan:
@@ -163,8 +181,10 @@ def plan(inputs: PlanInputs, memo: DesiredMemo | None = None) -> Plan:
     actual = list(inputs.observed)
     if rows is not None:
         actual += [r.as_observed() for r in rows if r.host in suspect and r.container_id and r.phase == "active"]
-    # 3. Desired state (pure, memoized on its inputs).
-    desired = _desired(inputs, actual, down, memo)
+    # 3. How many replicas each serverless deployment should run (the autoscaler), then the
+    #    desired state (pure, memoized on its inputs).
+    demand, scaling = _autoscale(inputs, actual)
+    desired = _desired(inputs, actual, down, demand, memo)
     wanted = {(r.host, r.model, r.environment, r.index, r.spec_hash): r for r in desired.replicas}
     markers = {failed_rollout_marker(r.model, r.environment, r.spec_hash) for r in desired.replicas}
     failed = {m: why for m, why in inputs.failed_rollouts.items() if m in markers}
@@ -174,20 +194,16 @@ def plan(inputs: PlanInputs, memo: DesiredMemo | None = None) -> Plan:
         adopted = adoptable(inputs.observed, owned, wanted)
         owned |= {r.container_id for r in adopted}
         rows += [adopted_row(r) for r in adopted]
-    # 5. Readiness of replicas that run but are not known ready.
-    checks: list[ReadinessCheck] = []
-    ready_updates: list[ReadyUpdate] = []
-    unanswered: list[ReadinessCheck] = []
+    # 5. Readiness of the replicas that run, ready ones included (state/readiness.py).
+    monitored = _readiness_checks(inputs, rows, wanted, desired, unreachable, failed)
+    probed = inputs.probe_results is not None
+    verdict = judge(monitored, inputs.probe_results or {}) if probed else ReadinessVerdict()
+    checks = [] if probed else monitored  # Plan.probes: still to be answered
+    ready_updates, unanswered = list(verdict.ready), list(verdict.unanswered)
+    unready = unready + list(verdict.unready)
     if rows is not None:
-        checks = _readiness_checks(inputs, rows, wanted, unreachable, failed)
-        if inputs.probe_results is not None:
-            results = inputs.probe_results
-            answered = [c for c in checks if results.get((c.host, c.name))]
-            unanswered = [c for c in checks if not results.get((c.host, c.name))]
-            ready_updates = [ReadyUpdate(c.host, c.name, c.container_id, c.url, c.probe_url, c.fill_urls)
-                             for c in answered]
-            rows = _with_ready(rows, ready_updates)
-            checks = []
+        rows = with_verdict(rows, verdict)
+    probe_failures = failures_after(inputs.probe_failures, monitored if probed else (), verdict, rows or ())
     # 6. Diff, then hold what this pass must not do.
     proposed = diff(desired, actual, owned)
     actions, held = _hold(proposed, failed, rows, wanted, suspect, inputs.unreachable, inputs.now)
@@ -196,66 +212,83 @@ def plan(inputs: PlanInputs, memo: DesiredMemo | None = None) -> Plan:
     notes = _notes(inputs.catalog, desired)
     outcomes = _outcomes(desired, actions, held, failed)
     return Plan(inputs.catalog, desired, actions, held, changes, rows, checks, unanswered, unreachable, suspect,
-                down, dict(inputs.unreachable), failed, route_keys, outcomes, notes)
+                down, dict(inputs.unreachable), failed, route_keys, outcomes, notes, scaling,
+                monitored=_monitored(monitored, actions), probe_failures=probe_failures,
+                not_ready=_not_ready(verdict, unanswered),
+                left_routes=[verdict.why[c.key] for c in monitored if (c.host, c.name) in verdict.unready])
+
+
+def _autoscale(inputs: PlanInputs, actual: list[ObservedReplica]) -> tuple[Mapping[Key, int] | None,
+                                                                            dict[Key, ScaleDecision]]:
+    """Replicas to run per serverless deployment: as given (``demand``), from the autoscaler when
+    the load is known, else as many as run now (nothing is scaled on load that is not known)."""
+    running: dict[Key, int] = {}
+    for replica in actual:
+        if replica.running:
+            running[replica.key] = running.get(replica.key, 0) + 1
+    if inputs.demand is not None:
+        return inputs.demand, {}
+    demand: dict[Key, int] = {}
+    scaling: dict[Key, ScaleDecision] = {}
+    for entry in inputs.catalog.deployments():
+        spec = entry.spec
+        if spec is None or spec.serverless is None or not spec.enabled:
+            continue
+        current = running.get(entry.key, 0)
+        if inputs.load is None:
+            demand[entry.key] = current
+            continue
+        decision = decide(spec.serverless, inputs.load.get(route_key(*entry.key), ()),
+                          inputs.scaler_memory.get(entry.key), inputs.monotonic, current=current,
+                          watching_since=inputs.watching_since)
+        scaling[entry.key] = decision
+        demand[entry.key] = decision.desired
+    return demand, scaling
 
 
 def _desired(inputs: PlanInputs, actual: list[ObservedReplica], down: frozenset[str],
-             memo: DesiredMemo | None) -> DesiredState:
+             demand: Mapping[Key, int] | None, memo: DesiredMemo | None) -> DesiredState:
     facts = inputs.origin_facts or OriginFacts()
     previous = previous_placement(actual)
     key = None
     if memo is not None:
-        key = memo.key(inputs.catalog, list(inputs.hosts), inputs.revision, down, previous, inputs.demand, facts)
+        key = memo.key(inputs.catalog, list(inputs.hosts), inputs.revision, down, previous, demand, facts)
         cached = memo.get(key)
         if cached is not None:
             return cached
     desired = compute_desired(inputs.catalog, inputs.hosts, inputs.revision, down_hosts=down, previous=previous,
-                              demand=inputs.demand, origin_facts=facts)
+                              demand=demand, origin_facts=facts)
     if memo is not None and key is not None:
         memo.put(key, desired)
     return desired
 
 
-def _readiness_checks(inputs: PlanInputs, rows: list[InventoryRow],
-                      wanted: Mapping[tuple[str, str, str, int, str], DesiredReplica],
+def _readiness_checks(inputs: PlanInputs, rows: list[InventoryRow] | None,
+                      wanted: Mapping[tuple[str, str, str, int, str], DesiredReplica], desired: DesiredState,
                       unreachable: frozenset[str], failed: Mapping[str, str]) -> list[ReadinessCheck]:
-    by_name = {(r.host, r.name): r for r in inputs.observed}
-    hosts = {h.name: h for h in inputs.hosts}
-    checks = []
-    for row in rows:
-        if row.phase != "active" or row.ready or row.host in unreachable or not row.container_id:
-            continue
-        seen = by_name.get((row.host, row.name))
-        if seen is None or not seen.running:
-            continue  # a standby or a crashed replica: nothing to probe
-        if failed_rollout_marker(row.model, row.environment, row.spec_hash) in failed:
-            continue  # a failed version left in place (rollout.autoRevert: false) is not routed
-        url, probe_url, fill = row.url or "", row.probe_url or "", False
-        if not probe_url:
-            want = wanted.get((row.host, row.model, row.environment, row.replica, row.spec_hash))
-            ports = inputs.ports.get((row.host, row.container_id))
-            host = hosts.get(row.host)
-            if want is None or ports is None or host is None:
-                continue
-            port, probe = ports.get(want.runtime.port), ports.get(want.runtime.probe.port)
-            if port is None or probe is None:
-                continue
-            url = f"http://{host.reach_address}:{port}"
-            probe_url = f"http://{host.reach_address}:{probe}{want.runtime.probe.path}"
-            fill = True
-        checks.append(ReadinessCheck(row.host, row.name, row.container_id, url, probe_url, fill))
-    return checks
+    if rows is None:
+        return []  # offline planning: no inventory, nothing is routed
+    # A failed version left in place (rollout.autoRevert: false) is never probed, so never routed.
+    candidates = [r for r in rows if failed_rollout_marker(r.model, r.environment, r.spec_hash) not in failed]
+    runtimes = {k: s.runtime for k, s in desired.deployments.items() if s.runtime is not None}
+    return readiness_checks(candidates, inputs.observed, inputs.ports, inputs.hosts, wanted, runtimes,
+                            unreachable, inputs.probe_failures)
 
 
-def _with_ready(rows: list[InventoryRow], updates: list[ReadyUpdate]) -> list[InventoryRow]:
-    by_name = {(u.host, u.name): u for u in updates}
-    result = []
-    for row in rows:
-        update = by_name.get((row.host, row.name))
-        if update is not None:
-            row = replace(row, ready=True, url=update.url if update.fill_urls else row.url,
-                          probe_url=update.probe_url if update.fill_urls else row.probe_url)
-        result.append(row)
+def _monitored(checks: list[ReadinessCheck], actions: list[Action]) -> list[ReadinessCheck]:
+    """The checks the monitor repeats after this plan: not of a container the actions stop, remove
+    or replace (a replica drained for a stop must not be routed again because it still answers)."""
+    leaving = {(a.current.host, a.current.container_id) for a in actions
+               if a.current is not None and a.op in ("stop", "remove", "replace")}
+    return [c for c in checks if (c.host, c.container_id) not in leaving]
+
+
+def _not_ready(verdict: ReadinessVerdict, unanswered: Sequence[ReadinessCheck]) -> dict[Key, dict[str, str]]:
+    """Why replicas that run are not ready, per deployment (for its status)."""
+    result: dict[Key, dict[str, str]] = {}
+    for check in unanswered:
+        result.setdefault((check.model, check.environment), {})[check.name] = (
+            verdict.why.get(check.key) or f"{check.label} does not answer its readiness probe")
     return result
 
 
@@ -294,21 +327,8 @@ def _hold(proposed: list[Action], failed: Mapping[str, str], rows: list[Inventor
 
 def _notes(catalog: Catalog, desired: DesiredState) -> dict[Key, list[str]]:
     """Settings the manifest sets that are accepted but not in effect yet: said, never silently ignored."""
-    notes: dict[Key, list[str]] = {}
-    for entry in catalog.deployments():
-        state = desired.deployments.get(entry.key)
-        if state is None or state.errors or entry.spec is None:
-            continue
-        found = []
-        if state.serverless:
-            found.append(SERVERLESS_NOT_ACTIVE)
-        runtime = entry.spec.runtime
-        probe = runtime.readiness_probe if runtime is not None else None
-        if probe is not None and "failure_threshold" in probe.model_fields_set:
-            found.append(FAILURE_THRESHOLD_NOT_ACTIVE)
-        if found:
-            notes[entry.key] = found
-    return notes
+    # None at the moment (readinessProbe.failureThreshold is in effect: state/readiness.py).
+    return {}
 
 
 def _outcomes(desired: DesiredState, actions: list[Action], held: list[HeldAction],

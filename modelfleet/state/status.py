@@ -61,6 +61,8 @@ class DeploymentStatus:
     conditions: list[Condition] = field(default_factory=list)
     origin: dict[str, object] | None = None  # as deployed (HF commit, archive sha256)
     notes: list[str] = field(default_factory=list)  # settings accepted but not in effect yet, and why
+    # Serverless: the autoscaler's last decision (desired, reason, metric, value, panicking).
+    autoscaler: dict[str, object] | None = None
 
     @property
     def context(self) -> str:

@@ -29,6 +29,8 @@ PATH_FIELDS: list[tuple[str, str, Callable[[Config], str | None], str]] = [
      lambda c: c.repo.webhook_secret_file, "secrets/webhook"),
     ("gateway.tokenFile", "gateway: {tokenFile: secrets/gateway}\n", lambda c: c.gateway.token_file,
      "secrets/gateway"),
+    ("gateway.controlPlaneTokenFile", "gateway: {controlPlaneTokenFile: secrets/api}\n",
+     lambda c: c.gateway.control_plane_token_file, "secrets/api"),
     ("api.tokenFile", "api: {tokenFile: secrets/api}\n", lambda c: c.api.token_file, "secrets/api"),
     ("status.tokenFile", "status: {provider: gitea, tokenFile: secrets/forge}\n", lambda c: c.status.token_file,
      "secrets/forge"),

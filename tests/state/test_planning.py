@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from modelfleet.state.loader import load_tree
-from modelfleet.state.planning import FAILURE_THRESHOLD_NOT_ACTIVE, SERVERLESS_NOT_ACTIVE, PlanInputs, plan
+from modelfleet.state.planning import PlanInputs, plan
 from tests.state.helpers import custom_model, echo_deployment, environment, host, tree
 
 
@@ -13,13 +13,13 @@ def _plan(*deployments: str) -> dict[str, object]:
     return plan(PlanInputs(catalog=load_tree(files), hosts=[host("h0")], revision="r", inventory=[])).to_json()
 
 
-def test_serverless_and_failure_threshold_say_they_are_not_active_yet() -> None:
+def test_failure_threshold_and_serverless_are_in_effect_no_note() -> None:
     data = _plan(
         "environment: production\nserverless: {minReplicas: 0, maxReplicas: 3, target: 5}\n"
         "runtime: {type: custom, image: x:1, readinessProbe: {path: /ping, failureThreshold: 5}}",
         echo_deployment("development"))
     deployments = {d["environment"]: d for d in data["deployments"]}  # type: ignore[attr-defined]
-    assert deployments["production"]["notes"] == [SERVERLESS_NOT_ACTIVE, FAILURE_THRESHOLD_NOT_ACTIVE]
+    assert "notes" not in deployments["production"]
     assert "notes" not in deployments["development"]  # nothing set that is not in effect
 
 
@@ -35,5 +35,5 @@ def test_the_status_mentions_autoscaling_only_for_serverless_deployments() -> No
     replica = result.desired.replicas[0]
     row = InventoryRow("h0", "c", "id", "m", "production", 0, replica.spec_hash, "r", "active", True, "u", "p")
     status = deployment_statuses(result, [row], [], {}, {}, 0.0)[("m", "production")]
-    assert status.state == "success" and status.notes == [FAILURE_THRESHOLD_NOT_ACTIVE]
+    assert status.state == "success" and status.notes == []
     assert "autoscaling" not in status.message

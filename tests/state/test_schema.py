@@ -65,7 +65,8 @@ def test_schema_uses_the_yaml_names_forbids_unknown_keys_and_has_descriptions() 
     assert {"readinessProbe", "resources", "image"} <= set(runtime["properties"])
     assert "readiness_probe" not in runtime["properties"]
     assert set(definitions["Serverless"]["properties"]) == {
-        "minReplicas", "maxReplicas", "metric", "target", "scaleDownDelay"}
+        "minReplicas", "maxReplicas", "metric", "target", "scaleDownDelay", "scaleToZeroGrace", "stableWindow",
+        "panicWindow", "panicThreshold", "queue", "activationTimeout"}
     assert all(d.get("additionalProperties") is False for d in definitions.values())
     assert "suggested from the origin" in runtime["properties"]["type"]["description"]
     assert definitions["Deployment"]["description"]

@@ -8,7 +8,7 @@ import html
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,19 +26,38 @@ log = logging.getLogger("modelfleet.api")
 MAX_WEBHOOK_BYTES = 5 * 2**20
 
 
-def verify_webhook(headers: dict[str, str], body: bytes, secret: str) -> bool:
-    """GitHub/Gitea sign the body with HMAC-SHA256; GitLab sends the shared token as is."""
+def verify_webhook(headers: Mapping[str, str], body: bytes, secret: str) -> bool:
+    """GitHub/Gitea sign the body with HMAC-SHA256; GitLab sends the shared token as is.
+
+    Compared in constant time on bytes: a signature that is malformed or not ASCII is simply
+    wrong (a 401), never an error.
+    """
     key = secret.encode()
-    expected = hmac.new(key, body, hashlib.sha256).hexdigest()
+    expected = hmac.new(key, body, hashlib.sha256).hexdigest().encode("ascii")
     github = headers.get("x-hub-signature-256", "")
     if github.startswith("sha256="):
-        return hmac.compare_digest(github[len("sha256="):], expected)
+        return hmac.compare_digest(_wire_bytes(github[len("sha256="):]), expected)
     for header in ("x-gitea-signature", "x-gogs-signature", "x-forgejo-signature"):
         if header in headers:
-            return hmac.compare_digest(headers[header], expected)
+            return hmac.compare_digest(_wire_bytes(headers[header]), expected)
     if "x-gitlab-token" in headers:
-        return hmac.compare_digest(headers["x-gitlab-token"], secret)
+        return hmac.compare_digest(_wire_bytes(headers["x-gitlab-token"]), key)
     return False
+
+
+def _wire_bytes(header_value: str) -> bytes:
+    """The bytes a header value was received as (ASGI servers decode them as latin-1)."""
+    try:
+        return header_value.encode("latin-1")
+    except UnicodeEncodeError:  # not from the wire: beyond latin-1, so compare its UTF-8 bytes
+        return header_value.encode("utf-8", "surrogatepass")
+
+
+def _query_token_matches(candidate: str | None, token: str) -> bool:
+    """A ``?token=`` value (percent-decoded as UTF-8) against the token, in constant time on bytes."""
+    if not candidate:
+        return False
+    return hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"), token.encode("utf-8"))
 
 
 def pushed_branch(payload: Any) -> str | None:
@@ -108,14 +127,16 @@ def make_api(daemon: Daemon, api_token: str | None, webhook_secret: str | None,
         return JSONResponse({"queued": True}, status_code=202)
 
     async def dashboard(request: Request) -> Response:
-        if not authorized(request) and api_token is not None and request.query_params.get("token") != api_token:
+        if not authorized(request) and not _query_token_matches(request.query_params.get("token"), api_token or ""):
             return denied()
         return HTMLResponse(render_dashboard(daemon.status.to_json()))
 
     from modelfleet.reconciler.api.artifacts import artifact_routes
+    from modelfleet.reconciler.api.demand import demand_routes
 
     return Starlette(routes=[
         *artifact_routes(daemon.artifacts, api_token),
+        *demand_routes(daemon, api_token),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/api/v1/status", status),

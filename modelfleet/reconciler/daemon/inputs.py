@@ -7,7 +7,12 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from modelfleet.reconciler.config import Config
-from modelfleet.reconciler.daemon.store import FACT_FAILED_ROLLOUTS, FACT_UNREACHABLE_SINCE, Store
+from modelfleet.reconciler.daemon.store import (
+    FACT_FAILED_ROLLOUTS,
+    FACT_PROBE_FAILURES,
+    FACT_UNREACHABLE_SINCE,
+    Store,
+)
 from modelfleet.reconciler.pool.observe import Observation
 from modelfleet.reconciler.rollout.readiness import ReadinessProber
 from modelfleet.state.desired import OriginFacts
@@ -30,6 +35,7 @@ def gather_inputs(config: Config, catalog: Catalog, revision: str, observation: 
         unreachable=unreachable,
         inventory=store.inventory() if store is not None else [],
         failed_rollouts=store.fact(FACT_FAILED_ROLLOUTS, {}) if store is not None else {},
+        probe_failures=store.fact(FACT_PROBE_FAILURES, {}) if store is not None else {},
         origin_facts=origin_facts,
         now=now,
         down_after=config.docker.down_after,

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,33 +20,43 @@ from modelfleet.reconciler.artifacts.origins import OriginResolver, huggingface_
 from modelfleet.reconciler.artifacts.shipping import ArtifactShipper, artifact_id
 from modelfleet.reconciler.artifacts.store import ArtifactStore
 from modelfleet.reconciler.config import Config
+from modelfleet.reconciler.daemon.demand import DemandBook
 from modelfleet.reconciler.daemon.inputs import gather_inputs, plan_with_probes
 from modelfleet.reconciler.daemon.store import (
     FACT_FAILED_ROLLOUTS,
     FACT_LAST_APPLIED,
     FACT_LAST_ATTEMPTED,
+    FACT_PROBE_FAILURES,
+    FACT_SOURCE_UNREACHABLE_SINCE,
     FACT_UNREACHABLE_SINCE,
     Store,
 )
 from modelfleet.reconciler.daemon.triggers import TriggerQueue
 from modelfleet.reconciler.errors import ModelfleetError
-from modelfleet.reconciler.gateway.routes import Backend, RouteStore
+from modelfleet.reconciler.gateway.routes import Activation, Backend, RouteStore
 from modelfleet.reconciler.pool.adapter import HostClient
 from modelfleet.reconciler.pool.observe import Observation, observe
 from modelfleet.reconciler.rollout.apply import Applier, ApplyReport
+from modelfleet.reconciler.rollout.readiness import ReadinessMonitor
 from modelfleet.reconciler.secrets import redact_url
 from modelfleet.reconciler.source.git import GitSource
 from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
-from modelfleet.state.inventory import InventoryChanges, ReadyUpdate
+from modelfleet.state.autoscaler import ScalerMemory, decide
+from modelfleet.state.demand import DemandReport, LoadSample
 from modelfleet.state.loader import Catalog, load_tree
 from modelfleet.state.outcome import deployment_statuses, failed_rollouts_after, pending_statuses
 from modelfleet.state.plan import ActionOutcome
 from modelfleet.state.planning import DesiredMemo, Plan, PlanInputs
+from modelfleet.state.readiness import ReadinessVerdict
 from modelfleet.state.routes import route_key
+from modelfleet.state.source import Condition, nothing_fetched, source_health
 from modelfleet.state.status import AGGREGATE_CONTEXT, DeploymentStatus, commit_statuses
 
 log = logging.getLogger("modelfleet.daemon")
 Key = tuple[str, str]
+# Passes for the autoscaler (an activation, a scale decision) converge on the commit already
+# fetched: a git fetch must not sit between a held request and its replica.
+SCALING_TRIGGERS = frozenset({"demand", "scale"})
 
 
 class Metrics:
@@ -64,6 +74,15 @@ class Metrics:
                               registry=self.registry)
         self.observe_seconds = Gauge("modelfleet_observe_seconds", "Duration of the last observe",
                                      registry=self.registry)
+        self.desired_replicas = Gauge("modelfleet_desired_replicas", "Replicas a deployment should run",
+                                      ["model", "environment"], registry=self.registry)
+        self.ready_replicas = Gauge("modelfleet_ready_replicas", "Ready replicas of a deployment",
+                                    ["model", "environment"], registry=self.registry)
+        self.activations = Counter("modelfleet_activations_total", "Serverless deployments started from zero "
+                                   "for held requests", ["model", "environment"], registry=self.registry)
+        self.scale_decisions = Counter("modelfleet_scale_decisions_total", "Autoscaler decisions that changed "
+                                       "a deployment's replicas", ["model", "environment", "direction"],
+                                       registry=self.registry)
 
 
 @dataclass
@@ -79,7 +98,10 @@ class DaemonStatus:
     hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     source_error: str | None = None
+    source_condition: Condition | None = None  # SourceSynced (state/source.py)
+    source_recovery: str | None = None  # the local Git mirror was damaged and fetched afresh (this process)
     transfers: dict[str, dict[str, Any]] = field(default_factory=dict)  # "host artifact" -> progress
+    demand: DemandBook | None = None  # the gateways' load (serverless), shown live
 
     @property
     def last_attempted_revision(self) -> str | None:
@@ -89,7 +111,18 @@ class DaemonStatus:
     def last_applied_revision(self) -> str | None:
         return self.store.fact(FACT_LAST_APPLIED) if self.store is not None else None
 
+    def _deployment_json(self, status: DeploymentStatus, load: dict[str, list[LoadSample]]) -> dict[str, Any]:
+        data = status.to_json()
+        samples = load.get(route_key(status.model, status.environment))
+        if samples:
+            latest = samples[-1]
+            data["load"] = {"concurrency": round(latest.concurrency, 3), "rps": round(latest.rps, 3),
+                            "inFlight": latest.in_flight, "queued": latest.queued,
+                            "idleSeconds": latest.idle_seconds}
+        return data
+
     def to_json(self) -> dict[str, Any]:
+        load = self.demand.samples() if self.demand is not None else {}
         return {
             "revision": self.revision,
             "lastAttemptedRevision": self.last_attempted_revision,
@@ -98,7 +131,10 @@ class DaemonStatus:
             "lastPass": self.last_pass,
             "errors": self.errors,
             "sourceError": self.source_error,
-            "deployments": [d.to_json() for _, d in sorted(self.deployments.items())],
+            "sourceRecovery": self.source_recovery,
+            "conditions": [asdict(self.source_condition)] if self.source_condition is not None else [],
+            "deployments": [self._deployment_json(d, load) for _, d in sorted(self.deployments.items())],
+            "gateways": self.demand.gateways() if self.demand is not None else {},
             "hosts": [dict(name=k, **v) for k, v in sorted(self.hosts.items())],
             # The 20 most recent (list() copies atomically: shipping threads write meanwhile).
             "transfers": sorted(list(self.transfers.values()), key=lambda t: t["at"], reverse=True)[:20],
@@ -128,12 +164,20 @@ class Daemon:
         # Loaded manifests of the last commit, and its repository model files that are not valid.
         self._catalog: tuple[str, Catalog, dict[str, str]] | None = None
         self._desired_memo = DesiredMemo()
+        # Serverless: the gateways' load (in memory; refilled by their next reports after a restart)
+        # and what the autoscaler remembers between passes.
+        self.demand = DemandBook()
+        self.status.demand = self.demand
+        self._scaler_memory: dict[Key, ScalerMemory] = {}
         # Model origins: uploads and repository files in a content-addressed store, HuggingFace models
         # resolved to a commit and downloaded into the daemon's cache, shipped to the hosts that need them.
         self.artifacts = ArtifactStore(self.state_dir)
         self.hf = huggingface_resolver(config)
         self.origins = OriginResolver(self.hf, self.artifacts, ttl=max(5.0, config.repo.poll_interval))
         self.shipper = ArtifactShipper(self.artifacts, self.hf, on_progress=self._on_transfer)
+        # Between passes: the replicas the last plan checked, probed again every readinessProbe.period.
+        self.readiness = ReadinessMonitor(self.store, lambda: self._plan.monitored if self._plan else [],
+                                          self._on_readiness, lambda: self.applier.prober)
         self.applier = Applier(self.clients, self.hosts, self.store, config.rollout, self.publish_routes,
                                drain_seconds=drain_seconds, stop_event=self.stop_event,
                                prepare_volumes=self.shipper.prepare_volumes, origin_env=self.shipper.container_env)
@@ -161,17 +205,19 @@ class Daemon:
                 key = route_key(row.model, row.environment)
                 if key in table:
                     table[key].append(Backend(row.url, row.name, row.host))
-            return self.routes.publish({k: tuple(sorted(v, key=lambda b: b.container)) for k, v in table.items()})
+            return self.routes.publish({k: tuple(sorted(v, key=lambda b: b.container)) for k, v in table.items()},
+                                       activation=_activations(current))
 
     # --- the pass -------------------------------------------------------------------------------
 
     def reconcile(self, trigger: str = "manual") -> DaemonStatus:
         """Outer reconcile: whatever happens inside, status and history are published."""
         started = time.monotonic()
-        pass_id = self.store.begin_pass(trigger)
+        pass_id = 0  # 0: the store could not even record the pass (disk full): nothing is applied
         result, summary = "failed", {}
         try:
-            summary = self._reconcile_inner(pass_id)
+            pass_id = self.store.begin_pass(trigger)
+            summary = self._reconcile_inner(pass_id, trigger)
             troubles = ("failed_actions", "down_hosts", "held_actions")
             healthy = not any(summary.get(k) for k in troubles)
             result = "ok" if healthy else "degraded"
@@ -187,17 +233,24 @@ class Daemon:
         finally:
             seconds = time.monotonic() - started
             summary["seconds"] = round(seconds, 3)
-            self.store.finish_pass(pass_id, self.status.revision, result, summary)
+            try:
+                if pass_id:
+                    self.store.finish_pass(pass_id, self.status.revision, result, summary)
+            except ModelfleetError as exc:  # a store that cannot record the pass must not end the loop
+                log.error("pass %d could not be recorded: %s", pass_id, exc)
+                result, summary = "failed", {**summary, "error": summary.get("error") or str(exc)}
+                self._publish_pass_error(str(exc))
             self.status.last_pass = {"id": pass_id, "trigger": trigger, "result": result, "seconds": seconds,
-                                     "finishedAt": time.time(), **summary}
+                                     "finishedAt": time.time(), **summary, "store": self.store.health()}
             self.metrics.passes.labels(result).inc()
             self.metrics.pass_seconds.observe(seconds)
         return self.status
 
-    def _reconcile_inner(self, pass_id: int) -> dict[str, Any]:
-        # 1. Sync the Git source: the commit to converge on.
-        revision = self.source.sync()
-        self.status.source_error = None
+    def _reconcile_inner(self, pass_id: int, trigger: str = "manual") -> dict[str, Any]:
+        # 1. Sync the Git source: the commit to converge on (a scaling pass keeps the last one; while
+        #    the fetch fails, the commit fetched last, and the status says why).
+        known = self.status.revision
+        revision = known if trigger in SCALING_TRIGGERS and known is not None else self._sync_source()
         new_revision = revision != self.store.fact(FACT_LAST_ATTEMPTED)
         self.status.revision = revision
         self.store.set_fact(FACT_LAST_ATTEMPTED, revision)
@@ -206,12 +259,20 @@ class Daemon:
         # 3. Load the manifests at the commit (cached per commit) and what is known of their origins.
         catalog, file_errors = self._load(revision)
         facts = self.origins.facts(catalog, file_errors)
-        # 4. Plan (pure): every decision of the pass, from the facts; probes replicas it must know about.
-        inputs = gather_inputs(self.config, catalog, revision, observation, self.store, facts, self.clock())
-        plan = self.plan_pass(inputs)
-        self._plan = plan
-        # 5. Write what the plan learnt (inventory, host reachability, versions no longer desired).
-        self.store.write_changes(plan.inventory)
+        # 4. Plan (pure): every decision of the pass, from the facts; probes the replicas that run.
+        #    (The readiness monitor waits meanwhile: one writer of readiness facts at a time.)
+        with self.readiness.lock:
+            inputs = gather_inputs(self.config, catalog, revision, observation, self.store, facts, self.clock())
+            inputs = replace(inputs, load=self.demand.samples(), scaler_memory=dict(self._scaler_memory),
+                             watching_since=self.demand.watching_since, monotonic=self.demand.clock())
+            plan = self.plan_pass(inputs)
+            self._plan = plan
+            self._remember_scaling(plan, observation)
+            # 5. Write what the plan learnt (inventory, host reachability, versions no longer desired).
+            self.store.write_changes(plan.inventory)
+            self.store.set_fact(FACT_PROBE_FAILURES, plan.probe_failures)
+        for why in plan.left_routes:
+            log.warning("readiness: %s", why)
         self.store.set_fact(FACT_UNREACHABLE_SINCE, plan.unreachable_since)
         self.store.set_fact(FACT_FAILED_ROLLOUTS, plan.failed_rollouts)
         self._record_hosts(observation, plan)
@@ -227,7 +288,7 @@ class Daemon:
         if plan.actions and not report.failed:
             self._collect_artifacts(plan, observation)
         # 7. Replicas the plan probed that were not ready yet get a second chance after apply.
-        self._reprobe(plan)
+        self.readiness.step(plan.unanswered)
         self.publish_routes()
         # 8. Statuses from what is now true.
         statuses = deployment_statuses(plan, self.store.inventory(), report.outcomes, failed_rollouts,
@@ -250,6 +311,83 @@ class Daemon:
             "errors": len(plan.desired.errors),
         }
 
+    # --- serverless -----------------------------------------------------------------------------
+
+    def on_demand(self, report: DemandReport) -> set[str]:
+        """A gateway's load report (API thread). Requests held for activation wake a pass at once;
+        returns the route keys with held requests."""
+        held = self.demand.record(report)
+        if held:
+            self.triggers.fire("demand")
+        return held
+
+    def check_scaling(self) -> bool:
+        """Between passes (every ~2 s): would the autoscaler, fed the latest load, change a
+        deployment's replicas? Then a pass is due. The decision itself is the plan's: this only
+        asks the same pure function whether to plan now."""
+        current = self._plan
+        if current is None or not current.scaling:
+            return False
+        load = self.demand.samples()
+        now = self.demand.clock()
+        for entry in current.catalog.deployments():
+            spec = entry.spec
+            last = current.scaling.get(entry.key)
+            if spec is None or spec.serverless is None or last is None:
+                continue
+            running = sum(1 for r in current.desired.replicas if r.key == entry.key and r.running)
+            decision = decide(spec.serverless, load.get(route_key(*entry.key), ()), self._scaler_memory.get(entry.key),
+                              now, current=running, watching_since=self.demand.watching_since)
+            if decision.desired != running:
+                self.triggers.fire("scale")
+                return True
+        return False
+
+    def _remember_scaling(self, plan: Plan, observation: Observation) -> None:
+        running: dict[Key, int] = {}
+        for replica in observation.replicas:
+            if replica.running:
+                running[replica.key] = running.get(replica.key, 0) + 1
+        for key, decision in plan.scaling.items():
+            before = running.get(key, 0)
+            if decision.desired != before:
+                self.metrics.scale_decisions.labels(key[0], key[1], "up" if decision.desired > before else "down").inc()
+                if before == 0:
+                    self.metrics.activations.labels(*key).inc()
+                log.info("autoscaler: %s/%s %d -> %d: %s", key[0], key[1], before, decision.desired, decision.reason)
+        self._scaler_memory = {key: decision.memory for key, decision in plan.scaling.items()}
+
+    def _on_readiness(self, verdict: ReadinessVerdict) -> None:
+        """The monitor changed who is ready: routes now, statuses by a pass."""
+        for why in verdict.why.values():
+            log.warning("readiness: %s", why)
+        self.publish_routes()
+        self.triggers.fire("readiness")
+
+    def _sync_source(self) -> str:
+        """Step 1: fetch the branch. When the fetch fails and a commit was fetched before, the pass
+        goes on with that commit (drift repair continues); state/source.py says what is reported.
+        With no commit ever fetched the pass fails (GitSourceError)."""
+        try:
+            synced = self.source.sync()
+        except ModelfleetError as exc:
+            self.status.source_condition = nothing_fetched(str(exc), self.status.source_condition, self.clock())
+            raise
+        finally:
+            self.status.source_recovery = self.source.recovery
+        health = source_health(synced.failure, synced.revision, self.store.fact(FACT_SOURCE_UNREACHABLE_SINCE),
+                               self.status.source_condition, self.clock())
+        if health.error is not None and health.error != self.status.source_error:
+            log.warning("%s", health.error)
+        elif health.error is None and self.status.source_error is not None:
+            log.info("the git source syncs again: %s at %s", self.config.repo.branch, synced.revision[:12])
+        self.store.set_fact(FACT_SOURCE_UNREACHABLE_SINCE, health.fact)
+        self.status.source_error = health.error
+        self.status.source_condition = health.condition
+        for commit, status in health.statuses:
+            self._publish_statuses(commit, [status])
+        return synced.revision
+
     def plan_pass(self, inputs: PlanInputs) -> Plan:
         """The pass's plan (the same function `modelfleet plan` uses)."""
         return plan_with_probes(inputs, self.applier.prober, self._desired_memo)
@@ -260,16 +398,6 @@ class Daemon:
             catalog = load_tree(tree)
             self._catalog = (revision, catalog, self.origins.ingest_repository_files(catalog, tree))
         return self._catalog[1], self._catalog[2]
-
-    def _reprobe(self, plan: Plan) -> None:
-        """No new decision: the readiness checks of this pass's plan, again, for those that did not
-        answer before apply (a replica restarted by Docker may take a moment)."""
-        if not plan.unanswered:
-            return
-        results = self.applier.prober.probe_all(plan.unanswered)
-        ready = tuple(ReadyUpdate(c.host, c.name, c.container_id, c.url, c.probe_url, c.fill_urls)
-                      for c in plan.unanswered if results.get((c.host, c.name)))
-        self.store.write_changes(InventoryChanges(ready=ready))
 
     def _publish_pass_error(self, message: str) -> None:
         """A pass that failed midway must not leave its commit 'pending' forever."""
@@ -324,6 +452,9 @@ class Daemon:
         self.metrics.actions.labels(outcome.action.op, "ok" if outcome.ok else "failed").inc()
 
     def _count_states(self, statuses: dict[Key, DeploymentStatus]) -> None:
+        for status in statuses.values():
+            self.metrics.desired_replicas.labels(status.model, status.environment).set(status.desired_replicas)
+            self.metrics.ready_replicas.labels(status.model, status.environment).set(status.ready_replicas)
         counts: dict[str, int] = {"success": 0, "pending": 0, "failure": 0, "error": 0}
         for status in statuses.values():
             counts[status.state] += 1
@@ -348,3 +479,14 @@ class Daemon:
         if len(self._published) > 20:  # only recent commits matter
             for old in list(self._published)[:-20]:
                 del self._published[old]
+
+
+def _activations(plan: Plan) -> dict[str, Activation]:
+    """How gateways hold requests for the plan's serverless deployments while they activate."""
+    result = {}
+    for entry in plan.catalog.deployments():
+        spec = entry.spec
+        if spec is not None and spec.serverless is not None and spec.enabled:
+            result[route_key(*entry.key)] = Activation(queue=spec.serverless.queue,
+                                                       timeout=spec.serverless.activation_timeout)
+    return result

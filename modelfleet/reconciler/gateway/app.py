@@ -1,8 +1,11 @@
 """The gateway as an ASGI app: lifecycle, which path goes where, and who may call what (the bearer token).
 
 ``/models/...`` goes to the proxy; ``/healthz`` and ``/metrics`` are open; ``/routes`` (the table
-being served, with each backend's outstanding requests) and ``/models/`` need the token when one
-is configured.
+being served, with each backend's outstanding requests and each serverless deployment's activation
+settings and held requests) and ``/models/`` need the token when one is configured.
+
+With a ``control_plane`` (the daemon's API URL), the gateway reports its demand there
+(``demand_client``); the activator and the load meter are shared by the proxy and the reporter.
 """
 
 from __future__ import annotations
@@ -16,15 +19,19 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from modelfleet.reconciler.gateway.activator import Activator
 from modelfleet.reconciler.gateway.balancer import Balancer
+from modelfleet.reconciler.gateway.demand_client import DemandReporter
 from modelfleet.reconciler.gateway.follower import RouteFeed, RouteFollower
+from modelfleet.reconciler.gateway.load import LoadMeter
 from modelfleet.reconciler.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.pool import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, UpstreamPool
-from modelfleet.reconciler.gateway.proxy import RETRY_BUFFER_LIMIT, Proxy
+from modelfleet.reconciler.gateway.proxy import HOLD_BODY_LIMIT, RETRY_BUFFER_LIMIT, Proxy
 from modelfleet.reconciler.gateway.responses import send_error, send_json
 from modelfleet.reconciler.gateway.routes import RouteTable
-from modelfleet.reconciler.secrets import bearer_token_matches
+from modelfleet.reconciler.secrets import bearer_token_matches, redact_url
+from modelfleet.state.demand import REPORT_INTERVAL
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -45,10 +52,27 @@ class Gateway:
         retry_buffer_limit: int = RETRY_BUFFER_LIMIT,
         metrics: GatewayMetrics | None = None,
         parser: str = "auto",
+        hold_body_limit: int = HOLD_BODY_LIMIT,
+        control_plane: str | None = None,
+        control_plane_token: str | None = None,
+        gateway_id: str | None = None,
+        location: str | None = None,
+        report_interval: float = REPORT_INTERVAL,
     ) -> None:
+        """``control_plane``: the daemon's API URL to send demand reports to (none sent without it)."""
         self.balancer = Balancer()
         self.metrics = metrics if metrics is not None else GatewayMetrics()
+        self.load = LoadMeter()
         self.routes = RouteFeed(RouteFollower(state_dir), self.metrics, on_install=self._installed)
+        self.activator = Activator(self.routes, self.metrics)
+        self.reporter: DemandReporter | None = None
+        if control_plane:
+            self.reporter = DemandReporter(control_plane, load=self.load, routes=self.routes,
+                                           activator=self.activator, metrics=self.metrics,
+                                           token=control_plane_token, gateway_id=gateway_id, location=location,
+                                           interval=report_interval)
+            self.activator.on_activate = self.reporter.kick
+        self.hold_body_limit = hold_body_limit
         self.poll_interval = poll_interval
         self.retry_buffer_limit = retry_buffer_limit
         self._token = token.encode() if token else None
@@ -77,11 +101,21 @@ class Gateway:
         self.upstream = UpstreamPool(connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
                                      parser=self._parser)
         self.proxy = Proxy(self.routes, self.balancer, self.upstream, self.metrics,
-                           retry_buffer_limit=self.retry_buffer_limit, strip_authorization=self._token is not None)
+                           retry_buffer_limit=self.retry_buffer_limit, strip_authorization=self._token is not None,
+                           activator=self.activator, load=self.load, hold_body_limit=self.hold_body_limit)
         self.routes.start()
         self._poller = asyncio.ensure_future(self._poll_forever())
+        if self.reporter is not None:
+            self.reporter.start()
+
+    def begin_shutdown(self) -> None:
+        """The server stops accepting connections: answer held requests now (503), hold no new ones."""
+        self.activator.close()
 
     async def stop(self) -> None:
+        self.begin_shutdown()
+        if self.reporter is not None:
+            await self.reporter.aclose()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -103,6 +137,8 @@ class Gateway:
 
     def _installed(self, table: RouteTable) -> None:
         self.balancer.forget(set(table.routes))
+        self.load.sync(table.activation)
+        self.activator.installed(table)
 
     # -- ASGI ------------------------------------------------------------------------------------
 
@@ -184,4 +220,10 @@ class Gateway:
             "routes": {key: [{"url": b.url, "container": b.container, "host": b.host,
                               "outstanding": outstanding.get(b.url, 0)} for b in backends]
                        for key, backends in sorted(table.routes.items())},
+            # the serverless deployments: how requests are held while they have no ready replica
+            "activation": {key: {"queue": a.queue, "timeout": a.timeout, "held": self.activator.held(key)}
+                           for key, a in sorted(table.activation.items())},
+            "demand": None if self.reporter is None else {
+                "url": redact_url(self.reporter.url), "gateway": self.reporter.gateway_id,
+                "sent": self.reporter.sent, "failing": self.reporter.failures},
         }

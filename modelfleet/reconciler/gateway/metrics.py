@@ -13,6 +13,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                    60.0, 120.0, 300.0)
 
+# Cold starts as clients see them: from a held request's arrival to its forwarding to a new replica.
+HOLD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0,
+                120.0, 180.0, 300.0)
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -42,6 +46,31 @@ class GatewayMetrics:
         self.route_table_read_failing = Gauge(
             "modelfleet_gateway_route_table_read_failing",
             "1 while routes.db is missing or unreadable (the last table read is kept)", registry=self.registry)
+        # Serverless activation (requests held while a deployment has no ready replica) and demand reports.
+        self.activations = Counter(
+            "modelfleet_gateway_activations",
+            "Requests held because their serverless deployment had no ready replica", ["model", "environment"],
+            registry=self.registry)
+        self.held_requests = Gauge(
+            "modelfleet_gateway_activation_held_requests",
+            "Requests held now, waiting for a replica of their serverless deployment to become ready",
+            ["model", "environment"], registry=self.registry)
+        self.activation_timeouts = Counter(
+            "modelfleet_gateway_activation_timeouts",
+            "Held requests answered 503 because no replica became ready within the activation timeout",
+            ["model", "environment"], registry=self.registry)
+        self.activation_queue_full = Counter(
+            "modelfleet_gateway_activation_queue_full",
+            "Requests answered 503 because the deployment's activation queue was full",
+            ["model", "environment"], registry=self.registry)
+        self.hold_duration = Histogram(
+            "modelfleet_gateway_activation_hold_duration_seconds",
+            "Time from a held request's arrival to its forwarding to a replica (the cold start clients see)",
+            ["model", "environment"], buckets=HOLD_BUCKETS, registry=self.registry)
+        self.demand_reports = Counter(
+            "modelfleet_gateway_demand_reports",
+            "Demand reports sent to the control plane, by result (ok, failed)", ["result"],
+            registry=self.registry)
         self._requests: dict[tuple[str, str, int], Counter] = {}
         self._latency: dict[tuple[str, str], Histogram] = {}
 
@@ -63,6 +92,22 @@ class GatewayMetrics:
 
     def retry(self, model: str, environment: str) -> None:
         self.retries.labels(model, environment).inc()
+
+    def held(self, model: str, environment: str) -> Gauge:
+        """The held-requests gauge of one deployment."""
+        return self.held_requests.labels(model, environment)
+
+    def activation(self, model: str, environment: str) -> None:
+        self.activations.labels(model, environment).inc()
+
+    def activation_timeout(self, model: str, environment: str) -> None:
+        self.activation_timeouts.labels(model, environment).inc()
+
+    def activation_rejected(self, model: str, environment: str) -> None:
+        self.activation_queue_full.labels(model, environment).inc()
+
+    def held_for(self, model: str, environment: str, seconds: float) -> None:
+        self.hold_duration.labels(model, environment).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,6 +10,12 @@ be replayed: bodies of up to ``retry_buffer_limit`` bytes (1 MiB) are buffered f
 are streamed and are only retried when the failure came before any of their bytes was read. This
 makes a blue-green switch lossless even when the old replica goes away a few milliseconds before
 the gateway's next poll of the route table.
+
+A request for a serverless deployment (one with activation settings in the route table) that has no
+ready replica is held until one is published (``activator``): its body is read into memory first
+(up to ``hold_body_limit``, 16 MiB; 413 beyond), so that it can be sent once a replica is there.
+Serverless deployments are also metered (``load``) for the demand reports; for every other
+deployment the proxy does one dictionary lookup more than it would without them.
 """
 
 from __future__ import annotations
@@ -24,19 +30,27 @@ from urllib.parse import unquote, unquote_plus
 
 from starlette.types import Receive, Scope, Send
 
+from modelfleet.reconciler.gateway.activator import Activator, Outcome
 from modelfleet.reconciler.gateway.balancer import Balancer
 from modelfleet.reconciler.gateway.connections import UpstreamError, UpstreamResponse
 from modelfleet.reconciler.gateway.follower import RouteFeed
+from modelfleet.reconciler.gateway.load import KeyLoad, LoadMeter
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.pool import UpstreamPool
 from modelfleet.reconciler.gateway.responses import send_error
-from modelfleet.reconciler.gateway.routes import Backend, route_key
+from modelfleet.reconciler.gateway.routes import Activation, Backend, route_key
 
 log = logging.getLogger("modelfleet.gateway")
 
 DEFAULT_ENVIRONMENT = "production"
 MODELS_PREFIX = b"/models/"
 RETRY_BUFFER_LIMIT = 1 << 20
+# The largest request body held (in memory) while a serverless deployment starts a replica.
+HOLD_BODY_LIMIT = 16 << 20
+# Retry-After of the 503s of activation: a full queue or a replica slower than the timeout (a cold
+# start takes seconds), and a gateway shutting down (another one, or this one restarted, takes over).
+ACTIVATION_RETRY_AFTER = [(b"retry-after", b"5")]
+SHUTDOWN_RETRY_AFTER = [(b"retry-after", b"1")]
 # How long a request runs before the gateway starts watching for its client going away.
 WATCH_DELAY = 0.05
 
@@ -63,13 +77,19 @@ class Proxy:
     """
 
     def __init__(self, routes: RouteFeed, balancer: Balancer, upstream: UpstreamPool, metrics: GatewayMetrics,
-                 *, retry_buffer_limit: int = RETRY_BUFFER_LIMIT, strip_authorization: bool = False) -> None:
+                 *, retry_buffer_limit: int = RETRY_BUFFER_LIMIT, strip_authorization: bool = False,
+                 activator: Activator | None = None, load: LoadMeter | None = None,
+                 hold_body_limit: int = HOLD_BODY_LIMIT) -> None:
         self.routes = routes
         self.balancer = balancer
         self.upstream = upstream
         self.metrics = metrics
         self.retry_buffer_limit = retry_buffer_limit
         self.strip_authorization = strip_authorization
+        self.activator = activator if activator is not None else Activator(routes, metrics)
+        self.load = load if load is not None else LoadMeter()
+        self._meters = self.load.keys  # route key -> KeyLoad, serverless deployments only
+        self.hold_body_limit = max(hold_body_limit, retry_buffer_limit)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -78,20 +98,28 @@ class Proxy:
         model = unquote(model_raw.decode("latin-1"))
         environment, query = split_query(scope.get("query_string", b""))
         key = route_key(model, environment)
-        backends = self.routes.table.routes.get(key)
-        if backends is None:
-            await _deployment_not_found(send, model, environment)
-            self.metrics.observe("", "", 404, time.perf_counter() - started)
-            return
+        table = self.routes.table
+        backends = table.routes.get(key)
+        activation = None
         if not backends:
-            await _no_ready_backend(send, model, environment)
-            self.metrics.observe(model, environment, 503, time.perf_counter() - started)
-            return
+            if backends is None:
+                await _deployment_not_found(send, model, environment)
+                self.metrics.observe("", "", 404, time.perf_counter() - started)
+                return
+            activation = table.activation.get(key)
+            if activation is None:
+                await _no_ready_backend(send, model, environment)
+                self.metrics.observe(model, environment, 503, time.perf_counter() - started)
+                return
+        meter = self._meters.get(key)  # None unless the deployment is serverless
+        if meter is not None:
+            meter.arrive(started)
         exchange = _Exchange()
         status = 499  # nginx's "client closed request" when nothing else is known
         try:
             status = await self._exchange(scope, receive, send, exchange, model, environment, key, backends,
-                                          b"/" + sub_path + (b"?" + query if query else b""))
+                                          b"/" + sub_path + (b"?" + query if query else b""), activation, meter,
+                                          started)
         except _ClientGone:
             status = 499
         except asyncio.CancelledError:
@@ -101,15 +129,28 @@ class Proxy:
             status = 499
         finally:
             exchange.close()
-            self.metrics.observe(model, environment, status, time.perf_counter() - started)
+            ended = time.perf_counter()
+            if meter is not None:
+                meter.leave(ended)
+            self.metrics.observe(model, environment, status, ended - started)
 
     async def _exchange(self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange, model: str,
-                        environment: str, key: str, backends: tuple[Backend, ...], target: bytes) -> int:
-        """Forward the request; returns the status code sent to the client."""
+                        environment: str, key: str, backends: tuple[Backend, ...], target: bytes,
+                        activation: Activation | None, meter: KeyLoad | None, started: float) -> int:
+        """Forward the request; returns the status code sent to the client.
+
+        ``activation``: set when the deployment has no backend yet: the request is held first.
+        """
         upstream = self.upstream
         headers, content_length = forward_headers(scope, self.strip_authorization)
         body = _RequestBody(receive, exchange)
-        await body.prefetch(content_length, self.retry_buffer_limit)
+        if activation is not None:
+            held = await self._hold(send, body, content_length, model, environment, key, activation, started)
+            if isinstance(held, int):
+                return held
+            backends = held
+        else:
+            await body.prefetch(content_length, self.retry_buffer_limit)
         method: bytes = scope["method"].encode()
         balancer = self.balancer
         avoid: str | None = None
@@ -123,12 +164,23 @@ class Proxy:
                     await _deployment_not_found(send, model, environment)
                     return 404
                 if not retry_backends:
-                    await _no_ready_backend(send, model, environment)
-                    return 503
+                    # Its last replica went away (scaled to zero?): a serverless deployment holds the
+                    # request, if it has its whole body, until another one is ready.
+                    activation = self.routes.table.activation.get(key)
+                    if activation is None or body.more:
+                        await _no_ready_backend(send, model, environment)
+                        return 503
+                    held = await self._hold(send, body, content_length, model, environment, key, activation,
+                                            started, read_body=False)
+                    if isinstance(held, int):
+                        return held
+                    retry_backends = held
                 backends = retry_backends
             backend = balancer.pick(key, backends, avoid)
             url = backend.url
             balancer.acquire(url)
+            if meter is not None:
+                meter.acquire(url, time.perf_counter())
             released = False
 
             def release() -> None:
@@ -136,6 +188,8 @@ class Proxy:
                 if not released:
                     released = True
                     balancer.release(url)  # noqa: B023 - only called within this iteration
+                    if meter is not None:
+                        meter.release(url, time.perf_counter())  # noqa: B023
 
             try:
                 try:
@@ -166,6 +220,58 @@ class Proxy:
                 release()
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _hold(self, send: Send, body: _RequestBody, content_length: int | None, model: str,
+                    environment: str, key: str, activation: Activation, started: float,
+                    read_body: bool = True) -> tuple[Backend, ...] | int:
+        """Hold the request until the deployment has a ready backend: its backends, or the status sent."""
+        activator = self.activator
+        waiting = activator.admit(key, activation, model, environment)
+        if waiting is None:
+            if activator.closing:
+                await _shutting_down(send, model, environment)
+                return 503
+            self.metrics.activation_rejected(model, environment)
+            await send_error(send, 503, "ActivationQueueFull",
+                             f'deployment "{model}" in environment "{environment}" is starting a replica and '
+                             f"already holds {activation.queue} requests (its serverless.queue) at this gateway; "
+                             "retry later, or raise serverless.queue in its manifest", ACTIVATION_RETRY_AFTER)
+            return 503
+        try:  # the place is given back before any answer (the client may send the next request at once)
+            deadline = asyncio.get_running_loop().time() + activation.timeout
+            outcome: Outcome | None = None
+            backends: tuple[Backend, ...] = ()
+            if not read_body or await body.read_all(content_length, self.hold_body_limit):
+                outcome, backends = await activator.wait(waiting, key, deadline)
+        finally:
+            activator.leave(waiting, key)
+        if outcome is None:
+            await send_error(send, 413, "RequestTooLarge",
+                             f'deployment "{model}" in environment "{environment}" has no ready replica yet and '
+                             f"the gateway holds request bodies of at most {self.hold_body_limit} bytes while "
+                             "one starts; send a smaller body, or retry once the deployment is ready "
+                             "(then bodies of any size are streamed)")
+            return 413
+        if outcome is Outcome.READY:
+            self.metrics.held_for(model, environment, time.perf_counter() - started)
+            return backends
+        if outcome is Outcome.TIMEOUT:
+            self.metrics.activation_timeout(model, environment)
+            log.warning("held request for %s timed out after %gs without a ready replica", key, activation.timeout)
+            await send_error(send, 503, "ActivationTimeout",
+                             f'waited {activation.timeout:g}s for a replica of model "{model}" in environment '
+                             f'"{environment}" to become ready; it is still starting (or failing to: see '
+                             "`modelfleet status`); retry later, or raise serverless.activationTimeout in its "
+                             "manifest", ACTIVATION_RETRY_AFTER)
+            return 503
+        if outcome is Outcome.GONE:
+            await _deployment_not_found(send, model, environment)
+            return 404
+        if outcome is Outcome.SHUTDOWN:
+            await _shutting_down(send, model, environment)
+            return 503
+        await _no_ready_backend(send, model, environment)
+        return 503
+
 
 async def _relay(send: Send, response: UpstreamResponse, exchange: _Exchange,
                  complete: Callable[[], None]) -> None:
@@ -193,6 +299,13 @@ async def _no_ready_backend(send: Send, model: str, environment: str) -> None:
     await send_error(send, 503, "NoReadyBackend",
                      f'deployment "{model}" in environment "{environment}" has no ready replica',
                      [(b"retry-after", b"1")])
+
+
+async def _shutting_down(send: Send, model: str, environment: str) -> None:
+    await send_error(send, 503, "GatewayShuttingDown",
+                     f'the gateway is shutting down before a replica of model "{model}" in environment '
+                     f'"{environment}" became ready; retry (another gateway, or this one once restarted, '
+                     "will serve it)", SHUTDOWN_RETRY_AFTER)
 
 
 def split_query(query: bytes) -> tuple[str, bytes]:
@@ -335,6 +448,27 @@ class _RequestBody:
                 if not more:
                     self._exchange.watch(self._receive)
                 return
+
+    async def read_all(self, content_length: int | None, limit: int) -> bool:
+        """Read the whole body into memory; False (and the rest left unread) when it exceeds ``limit`` bytes."""
+        if content_length is not None and content_length > limit:
+            return False
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                raise _ClientGone
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return False
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                self._prefix = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                self.more = False
+                self._exchange.watch(self._receive)  # from now on, a client that goes away is noticed
+                return True
 
     @property
     def replayable(self) -> bool:

@@ -2,7 +2,9 @@
 
 A separate process from the control loop (docs/architecture.md, "Public contract"): it follows the
 route table that the daemon publishes in ``<stateDir>/routes.db`` and keeps serving the last table
-it read when the daemon is away or the file is missing or unreadable.
+it read when the daemon is away or the file is missing or unreadable. It reports its demand to the
+daemon's API (``gateway.controlPlane``, default the local ``api.listen``; token ``gateway.controlPlaneTokenFile``,
+default ``api.tokenFile``), which is what activates and scales serverless deployments.
 
 Public API: :func:`create_gateway` (the ASGI app for a config), :func:`build_server` (an uvicorn
 server for it) and :func:`run_gateway` (serve until SIGINT/SIGTERM), which raises
@@ -19,10 +21,10 @@ from typing import Any
 
 import uvicorn
 
-from modelfleet.reconciler.config import Config, parse_listen
+from modelfleet.reconciler.config import Config, local_url, parse_listen
 from modelfleet.reconciler.gateway.app import DEFAULT_POLL_INTERVAL, Gateway
 from modelfleet.reconciler.gateway.pool import DEFAULT_READ_TIMEOUT
-from modelfleet.reconciler.secrets import read_secret
+from modelfleet.reconciler.secrets import read_secret, redact_url
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -41,6 +43,23 @@ def read_token(token_file: str | None) -> str | None:
         raise GatewayError(f"gateway.tokenFile: cannot read {token_file}: {exc.strerror}") from None
     if token is None:
         raise GatewayError(f"gateway.tokenFile: {token_file} is empty")
+    return token
+
+
+def read_control_plane_token(config: Config) -> str | None:
+    """The token for the control plane: gateway.controlPlaneTokenFile, else api.tokenFile; None when neither is set."""
+    explicit = config.gateway.control_plane_token_file
+    path = explicit or config.api.token_file
+    if not path:
+        return None
+    key = "gateway.controlPlaneTokenFile" if explicit else "gateway.controlPlaneTokenFile (default: api.tokenFile)"
+    try:
+        token = read_secret(path)
+    except OSError as exc:
+        raise GatewayError(f"{key}: cannot read {path}: {exc.strerror}; the gateway needs the daemon's API token "
+                           "to report demand") from None
+    if token is None:
+        raise GatewayError(f"{key}: {path} is empty")
     return token
 
 
@@ -74,8 +93,28 @@ def create_gateway(config: Config, *, read_timeout: float | None = None,
     """
     if read_timeout is None:
         read_timeout = float(getattr(config.gateway, "read_timeout", None) or DEFAULT_READ_TIMEOUT)
-    return Gateway(config.state_dir, token=read_token(config.gateway.token_file), read_timeout=read_timeout,
-                   poll_interval=poll_interval)
+    settings = config.gateway
+    return Gateway(config.state_dir, token=read_token(settings.token_file), read_timeout=read_timeout,
+                   poll_interval=poll_interval, control_plane=settings.control_plane or local_url(config.api.listen),
+                   control_plane_token=read_control_plane_token(config), gateway_id=settings.id,
+                   location=settings.location)
+
+
+class GatewayServer(uvicorn.Server):
+    """An uvicorn server that tells the gateway when it starts shutting down.
+
+    uvicorn sends the lifespan shutdown only after in-flight requests have finished (or the graceful
+    timeout has passed): requests held for activation are answered at the start instead.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.app
+        if isinstance(app, Gateway):
+            try:
+                app.begin_shutdown()
+            except Exception:
+                log.exception("gateway shutdown failed")
+        await super().shutdown(sockets)
 
 
 def build_server(app: Callable[..., Any], host: str, port: int, *, log_level: str = "info",
@@ -85,7 +124,7 @@ def build_server(app: Callable[..., Any], host: str, port: int, *, log_level: st
         app, host=host, port=port, lifespan="on", log_config=None, log_level=log_level, access_log=False,
         server_header=False, date_header=False, ws="none", proxy_headers=False, timeout_keep_alive=75,
         timeout_graceful_shutdown=graceful_shutdown)
-    return uvicorn.Server(config)
+    return GatewayServer(config)
 
 
 def run_gateway(config: Config, *, read_timeout: float | None = None) -> None:
@@ -103,6 +142,8 @@ def run_gateway(config: Config, *, read_timeout: float | None = None) -> None:
     sock = bind_socket(host, port)
     log.info("gateway listening on %s:%d, following %s%s", host, port, app.follower.path,
              " (bearer token required)" if config.gateway.token_file else "")
+    if app.reporter is not None:
+        log.info("gateway %s reports demand to %s", app.reporter.gateway_id, redact_url(app.reporter.url))
     server = build_server(app, host, port)
     try:
         server.run(sockets=[sock])
@@ -112,4 +153,5 @@ def run_gateway(config: Config, *, read_timeout: float | None = None) -> None:
         raise GatewayError("the gateway failed to start (see the log above)")
 
 
-__all__ = ["GatewayError", "bind_socket", "build_server", "create_gateway", "read_token", "run_gateway"]
+__all__ = ["GatewayError", "GatewayServer", "bind_socket", "build_server", "create_gateway", "read_control_plane_token",
+           "read_token", "run_gateway"]

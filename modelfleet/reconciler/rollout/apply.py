@@ -25,7 +25,7 @@ from modelfleet.reconciler.errors import (
 )
 from modelfleet.reconciler.pool.adapter import ContainerInfo, ContainerSpec, HostClient
 from modelfleet.reconciler.rollout.readiness import ReadinessProber
-from modelfleet.state.actual import ObservedReplica, container_name, labels_for
+from modelfleet.state.actual import LABEL_REVISION, ObservedReplica, container_name, labels_for
 from modelfleet.state.desired import DesiredReplica
 from modelfleet.state.plan import Action, ActionOutcome
 from modelfleet.state.pool import Host
@@ -179,9 +179,13 @@ class Applier:
         except DockerOperationError as exc:
             if "Conflict" not in str(exc) and "already in use" not in str(exc):
                 raise
-            # A leftover of an interrupted attempt holds the name: it is ours (write-ahead row), replace it.
+            # A leftover of an interrupted attempt holds the name: replace it, but only if its labels
+            # prove it is exactly this replica (a container we cannot prove we own is never removed).
             stale = client.find(name)
             if stale is not None:
+                if any(stale.labels.get(k) != v for k, v in spec.labels.items() if k != LABEL_REVISION):
+                    raise TerminalError(f"a container named {name} that modelfleet did not create for this replica"
+                                        f" already exists on host {want.host}; rename or remove it") from None
                 client.remove(stale.id)
             info = client.create_and_start(spec, start=want.running)
         url = self._url(want.host, info, want.runtime.port)

@@ -22,6 +22,7 @@ from modelfleet.reconciler.daemon.store import FACT_FAILED_ROLLOUTS, FACT_UNREAC
 from modelfleet.reconciler.pool.adapter import ContainerInfo
 from modelfleet.reconciler.pool.observe import Observation
 from modelfleet.reconciler.rollout.apply import ApplyReport
+from modelfleet.reconciler.source.git import Synced
 from modelfleet.state.actual import ObservedReplica, container_name
 from modelfleet.state.desired import OriginFacts, compute_desired
 from modelfleet.state.inventory import InventoryRow
@@ -184,7 +185,7 @@ def test_the_daemon_applies_exactly_the_plan(data: dict[str, Any]) -> None:
         daemon = Daemon(config, clock=lambda: NOW)
         try:
             patch.setattr(daemon_module, "observe", lambda clients: observation)
-            patch.setattr(daemon.source, "sync", lambda: REVISION)
+            patch.setattr(daemon.source, "sync", lambda: Synced(REVISION))
             patch.setattr(daemon, "_load", lambda revision: (catalog, {}))
             patch.setattr(daemon.origins, "facts", lambda catalog, file_errors=None: OriginFacts())
             patch.setattr(daemon.applier, "apply", record)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from modelfleet.reconciler.gateway.routes import Backend
+from modelfleet.reconciler.gateway.routes import Activation, Backend
 from tests.http_server import ServerThread
 from tests.reconciler.gateway.harness import (
     PARSER,
+    DemandServer,
     EchoBackend,
     GatewayUnderTest,
     RawBackend,
@@ -38,15 +40,29 @@ def backends(servers: list[ServerThread]) -> Callable[[str], tuple[EchoBackend, 
 
 
 @pytest.fixture
+def demand_server(servers: list[ServerThread]) -> Callable[..., tuple[DemandServer, ServerThread]]:
+    """A stand-in for the daemon's API receiving demand reports (checks the bearer token when given one)."""
+
+    def make(token: str | None = None) -> tuple[DemandServer, ServerThread]:
+        app = DemandServer(token)
+        server = ServerThread.for_app(app).start()
+        servers.append(server)
+        return app, server
+
+    return make
+
+
+@pytest.fixture
 def make_gateway(tmp_path: Path, servers: list[ServerThread]) -> Iterator[Callable[..., GatewayUnderTest]]:
     gateways: list[GatewayUnderTest] = []
 
     def make(routes: dict[str, tuple[Backend, ...]] | None = None, token: str | None = None,
-             parser: str = PARSER) -> GatewayUnderTest:
-        gateway = GatewayUnderTest(tmp_path / f"state{len(gateways)}", token, parser)
+             parser: str = PARSER, activation: dict[str, Activation] | None = None,
+             **options: Any) -> GatewayUnderTest:
+        gateway = GatewayUnderTest(tmp_path / f"state{len(gateways)}", token, parser, **options)
         gateways.append(gateway)
         if routes is not None:
-            gateway.publish(routes)
+            gateway.publish(routes, activation)
         servers.append(gateway.thread)
         gateway.thread.start()
         return gateway

@@ -9,15 +9,18 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from modelfleet.reconciler.gateway.app import Gateway
-from modelfleet.reconciler.gateway.routes import Backend, RouteStore
+from modelfleet.reconciler.gateway.routes import Activation, Backend, RouteStore
 from modelfleet.reconciler.gateway.server import build_server
+from modelfleet.state.demand import DemandReport
 from tests.http_server import ServerThread, bound_socket
 
 # GATEWAY_TEST_HTTP=h11 GATEWAY_TEST_LOOP=asyncio runs everything without httptools/uvloop.
@@ -120,16 +123,18 @@ def route(server: ServerThread, name: str = "c") -> Backend:
 
 
 class GatewayUnderTest:
-    def __init__(self, state_dir: Path, token: str | None = None, parser: str = PARSER) -> None:
+    """``options``: more arguments of :class:`Gateway` (``control_plane``, ``hold_body_limit``...)."""
+
+    def __init__(self, state_dir: Path, token: str | None = None, parser: str = PARSER, **options: Any) -> None:
         self.state_dir = state_dir
         self.store = RouteStore(state_dir)  # what the daemon does
-        self.app = Gateway(state_dir, token=token, read_timeout=10, parser=parser)
+        self.app = Gateway(state_dir, token=token, read_timeout=10, parser=parser, **options)
         self.thread = serve(build_server(self.app, "127.0.0.1", 0, log_level="warning", graceful_shutdown=2))
         self.url = self.thread.url
         self.client = httpx.Client(base_url=self.url, timeout=10)
 
-    def publish(self, routes: dict[str, tuple[Backend, ...]]) -> int:
-        return self.store.publish(routes)
+    def publish(self, routes: dict[str, tuple[Backend, ...]], activation: dict[str, Activation] | None = None) -> int:
+        return self.store.publish(routes, activation=activation)
 
     def wait_version(self, version: int, timeout: float = 2.0) -> float:
         started = time.monotonic()
@@ -192,3 +197,83 @@ class RawBackend:
         self.stopped.set()
         self.thread.join(2)
         self.sock.close()
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """Poll ``predicate`` until it is true (a generous bound: the test is not about time)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class InBackground:
+    """One request made from a thread (it is held): ``result()`` waits for its response or error."""
+
+    def __init__(self, url: str, method: str, path: str, **options: Any) -> None:
+        self.response: httpx.Response | None = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                with httpx.Client(base_url=url, timeout=options.pop("timeout", 20), trust_env=False) as client:
+                    self.response = client.request(method, path, **options)
+            except BaseException as exc:  # handed to the test
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def result(self, timeout: float = 20.0) -> httpx.Response:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the request is still waiting"
+        if self.error is not None:
+            raise self.error
+        assert self.response is not None
+        return self.response
+
+
+class DemandServer:
+    """Stands in for the daemon's API: records the demand reports POSTed to /api/v1/demand.
+
+    Answers 401 to a request without ``Authorization: Bearer <token>`` (when ``token`` is set) and
+    422 to a body that is not a valid DemandReport (recorded in ``invalid``).
+    """
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+        self.reports: list[DemandReport] = []
+        self.authorizations: list[str | None] = []
+        self.invalid: list[str] = []
+        self.refused = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        authorization = headers.get("authorization")
+        self.authorizations.append(authorization)
+        if scope["path"] != "/api/v1/demand" or scope["method"] != "POST":
+            status = 404
+        elif self.token is not None and authorization != f"Bearer {self.token}":
+            self.refused += 1
+            status = 401
+        else:
+            try:
+                self.reports.append(DemandReport.model_validate_json(body))
+                status = 204
+            except ValueError as exc:
+                self.invalid.append(str(exc))
+                status = 422
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    def with_key(self, key: str) -> list[DemandReport]:
+        return [r for r in self.reports if key in r.deployments]

@@ -1,0 +1,110 @@
+"""Serverless on the real pool: a deployment at zero wakes on its first request (held by the
+gateway, started by the daemon), scales up under load with no failed request, returns to zero
+when idle, and the hold's limits (queue, activationTimeout) answer 503 with Retry-After."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+from netns_hosts import TestHost
+
+from tests.integration.fleet import BASE_MANIFESTS, Fleet, echo_model, make_fleet
+
+SERVERLESS = {"minReplicas": 0, "maxReplicas": 3, "metric": "rps", "target": 4, "scaleToZeroGrace": "4s",
+              "scaleDownDelay": "2s", "stableWindow": "6s", "panicWindow": "2s", "activationTimeout": "4s",
+              "queue": 2}
+
+
+def _running(fleet: Fleet, model: str) -> list[dict[str, Any]]:
+    return [c for c in fleet.containers() if c["labels"].get("modelfleet.model") == model and c["state"] == "running"]
+
+
+def _of(fleet: Fleet, model: str) -> list[dict[str, Any]]:
+    return [c for c in fleet.containers() if c["labels"].get("modelfleet.model") == model]
+
+
+def test_scale_from_zero_up_and_back_to_zero(tmp_path: Path, clean_hosts: list[TestHost]) -> None:
+    fleet = make_fleet(tmp_path, clean_hosts)
+    model = echo_model("sl", replicas=0, environment="development")
+    deployment = model["spec"]["deployments"][0]
+    del deployment["replicas"]
+    deployment["serverless"] = SERVERLESS
+    fleet.push({**BASE_MANIFESTS, "models/sl.yaml": model})
+    fleet.start()
+    try:
+        # At zero: one stopped standby, nothing running, the status says so.
+        fleet.wait(lambda: fleet.deployment("sl", "development").get("reason") == "ScaledToZero", 60, "standby")
+        assert len(_of(fleet, "sl")) == 1 and not _running(fleet, "sl")
+        fleet.wait(fleet.routed, 10, "gateway follows the table")
+
+        # 1. The first request is held, a replica is started for it, and it is answered (not 503).
+        started = time.monotonic()
+        first = fleet.call("sl", "/infer", environment="development")
+        cold = time.monotonic() - started
+        assert first.status_code == 200, (first.status_code, first.text, fleet.log())
+        assert len(_running(fleet, "sl")) == 1
+        assert cold < 4.0, cold  # within activationTimeout (4s), in practice ~1 s
+
+        # 2. A ramp to ~20 requests/s (target 4 rps per replica) scales up within maxReplicas, with
+        #    no failed request.
+        codes: Counter[int] = Counter()
+        peak = 0
+        stop = threading.Event()
+
+        def watch() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, len(_running(fleet, "sl")))
+                time.sleep(0.3)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        with httpx.Client(trust_env=False, timeout=10) as client, ThreadPoolExecutor(4) as pool:
+            def one(_: int) -> int:
+                return fleet.call("sl", "/infer", environment="development", client=client).status_code
+
+            deadline = time.monotonic() + 14
+            while time.monotonic() < deadline and peak < 3:
+                codes.update(pool.map(one, range(5)))
+                time.sleep(0.25)
+        stop.set()
+        watcher.join()
+        assert set(codes) == {200}, (codes, fleet.log())
+        assert 2 <= peak <= 3, (peak, fleet.deployment("sl", "development"))
+        status = fleet.deployment("sl", "development")
+        assert status["autoscaler"]["metric"] == "rps", status
+
+        # 3. Idle: back to zero running containers; the replicas stay as stopped standbys.
+        fleet.wait(lambda: not _running(fleet, "sl"), 60, "scaled back to zero")
+        assert len(_of(fleet, "sl")) >= 1
+        fleet.wait(lambda: fleet.deployment("sl", "development").get("reason") == "ScaledToZero", 20, "standby again")
+        assert "idle" in fleet.deployment("sl", "development")["message"]
+
+        # 4. With no daemon to activate it (killed: the gateway child lives on), held requests are
+        #    answered 503 with Retry-After: past the queue (2) at once, the others after activationTimeout.
+        fleet.stop(signal.SIGKILL)
+        with ThreadPoolExecutor(3) as pool:
+            started = time.monotonic()
+            responses = list(pool.map(lambda _: fleet.call("sl", "/infer", environment="development"), range(3)))
+            waited = time.monotonic() - started
+        by_code = Counter(r.status_code for r in responses)
+        assert by_code == {503: 3}, [(r.status_code, r.text) for r in responses]
+        errors = sorted(r.json()["type"] for r in responses)
+        assert errors == ["ActivationQueueFull", "ActivationTimeout", "ActivationTimeout"], errors
+        assert all(r.headers.get("retry-after") for r in responses)
+        assert 3.5 <= waited < 10, waited
+
+        # 5. A new daemon takes over: the next request is served again.
+        fleet.start()
+        again = fleet.call("sl", "/infer", environment="development")
+        assert again.status_code == 200, (again.status_code, again.text, fleet.log())
+    finally:
+        fleet.stop()
+        fleet.kill_gateway()

@@ -105,6 +105,21 @@ def test_scale_from_zero_up_and_back_to_zero(tmp_path: Path, clean_hosts: list[T
         fleet.start()
         again = fleet.call("sl", "/infer", environment="development")
         assert again.status_code == 200, (again.status_code, again.text, fleet.log())
+
+        # 6. The gateway killed while it holds a request: the client gets an error at once (never a
+        #    hang); the daemon restarts the gateway and the deployment serves again.
+        fleet.wait(lambda: not _running(fleet, "sl"), 60, "back to zero before the gateway test")
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(fleet.call, "sl", "/infer", "development")
+            time.sleep(0.05)
+            fleet.kill_gateway()
+            started = time.monotonic()
+            cut = held.result(timeout=10)
+        assert cut.status_code in (200, 599), (cut.status_code, cut.text)  # served just in time, or cut off
+        assert time.monotonic() - started < 6
+        served = fleet.wait(lambda: fleet.call("sl", "/infer", environment="development").status_code == 200, 30,
+                            "a new gateway serves again")
+        assert served
     finally:
         fleet.stop()
         fleet.kill_gateway()

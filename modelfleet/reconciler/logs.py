@@ -1,0 +1,138 @@
+"""Logging of `modelfleet run` and `modelfleet gateway` (config ``logging: {format, level}``).
+
+``text`` (the default) is rich's console handler; ``json`` writes one JSON object per line:
+``time`` (UTC ISO 8601), ``level``, ``logger``, ``message`` and, when known, ``pass_id``,
+``revision``, ``model``, ``environment``, ``host`` (and ``exception`` with the traceback).
+
+Context comes from a record's ``extra=`` (apply's per-action lines pass model/environment/host)
+or from :func:`log_context`, which the daemon holds around a pass (pass id, then revision). Every
+record is redacted on the way out: user information in URLs never reaches a log line, whatever
+the message or argument that carried it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import IO, Any, ParamSpec, TypeVar
+
+from modelfleet.reconciler.secrets import redact_url
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+CONTEXT_FIELDS = ("pass_id", "revision", "model", "environment", "host")
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+NOISY_LOGGERS = ("apscheduler", "urllib3", "docker", "httpx", "httpcore", "git", "watchfiles")
+
+_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("modelfleet_log_context",
+                                                                                default=None)
+
+
+@contextlib.contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Fields added to every record logged in this context (this thread, this task) until the block
+    ends; :func:`bind` adds more inside it. Threads started inside do not inherit them."""
+    token = _context.set({**(_context.get() or {}), **_known(fields)})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def scoped(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``function`` in a context of its own: what it binds ends with it (the daemon's pass)."""
+
+    @functools.wraps(function)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with log_context():
+            return function(*args, **kwargs)
+
+    return run
+
+
+def bind(**fields: Any) -> None:
+    """Add fields to the current context (undone when the enclosing :func:`log_context` ends)."""
+    _context.set({**(_context.get() or {}), **_known(fields)})
+
+
+def current_context() -> dict[str, Any]:
+    return dict(_context.get() or {})
+
+
+def _known(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+class RedactFilter(logging.Filter):
+    """Renders the message once, with the user information of every URL replaced by ``***``
+    (secrets.redact_url), and redacts the traceback text too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: log what was given rather than nothing
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact_url(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_url(record.exc_text)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact_url(record.getMessage()),
+        }
+        context = _context.get() or {}
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value is None:
+                value = context.get(name)
+            if value is not None:
+                data[name] = redact_url(value) if isinstance(value, str) else value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            data["exception"] = redact_url(record.exc_text)
+        return json.dumps(data, ensure_ascii=False, default=str)
+
+
+def setup_logging(format: str = "text", level: str = "info", verbose: bool = False,
+                  stream: IO[str] | None = None) -> logging.Handler:
+    """Configure the root logger: ``format`` text or json, ``level`` debug/info/warning (``-v``
+    means debug). Replaces the root's handlers; returns the one installed."""
+    handler: logging.Handler
+    if format == "json":
+        handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    else:
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        console = Console(file=stream if stream is not None else sys.stderr, highlight=False, soft_wrap=True)
+        handler = RichHandler(console=console, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s", datefmt="[%X]"))
+    handler.addFilter(RedactFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else LEVELS.get(level, logging.INFO))
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return handler

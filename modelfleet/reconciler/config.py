@@ -99,6 +99,8 @@ class GatewaySettings(_Settings):
 class ApiSettings(_Settings):
     listen: ListenAddress = "127.0.0.1:8081"
     token_file: ConfigPath | None = None
+    # The API's address as others reach it (the links in commit statuses); default local_url(listen).
+    public_url: HttpUrl | None = None
 
 
 def _registered_provider(value: Any) -> Any:
@@ -151,10 +153,47 @@ class RolloutSettings(_Settings):
         return self
 
 
+def _valid_branch_glob(pattern: str) -> str:
+    """A branch glob becomes a fetch refspec: git allows one ``*`` and none of ``?[]\\`` or ``..``."""
+    if (not pattern or pattern.count("*") > 1 or any(c in pattern for c in "?[]\\ ~^:") or ".." in pattern
+            or pattern.startswith(("/", "-", "refs/")) or pattern.endswith("/")):
+        raise ValueError(f"expected a branch name with at most one '*', e.g. review/* or feature/*; got {pattern!r}")
+    return pattern
+
+
+BranchGlob = Annotated[str, AfterValidator(_valid_branch_glob)]
+
+
+class ReviewSettings(_Settings):
+    """Plans of review branches: each new head of a branch matching ``branches`` is planned (never
+    applied) after a pass, and gets a ``modelfleet/plan`` commit status. No branches: off."""
+
+    branches: list[BranchGlob] = Field(default_factory=list, max_length=20)
+    max_plans: int = Field(default=5, ge=1, le=100)  # heads planned per pass, newest first
+    timeout: Duration = 10.0  # per plan
+
+
+class SafetySettings(_Settings):
+    """Deletion safety (state/safety.py): a commit that would remove more than maxDeletionPercent of
+    the deployments that run, or all of them, keeps them running until confirmed (a commit trailer
+    ``Modelfleet-Confirm: deletions`` or ``modelfleet confirm <sha>``). 100 turns the check off entirely."""
+
+    max_deletion_percent: float = Field(default=50.0, ge=0, le=100)
+
+
 class DockerSettings(_Settings):
     timeout: Duration = 30.0
     # How long a host may fail pings before it is reported down and its replicas move.
     down_after: Duration = 10.0
+
+
+class LoggingSettings(_Settings):
+    """How `modelfleet run` and `modelfleet gateway` log (reconciler/logs.py): ``text`` for a
+    terminal, ``json`` for one JSON object per line (time, level, logger, message and, when known,
+    pass_id, revision, model, environment, host). ``-v`` means ``level: debug``."""
+
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning"] = "info"
 
 
 class Config(_Settings):
@@ -167,6 +206,9 @@ class Config(_Settings):
     integrations: Integrations = Field(default_factory=Integrations)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     docker: DockerSettings = Field(default_factory=DockerSettings)
+    safety: SafetySettings = Field(default_factory=SafetySettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
 
 class ConfigError(Exception):

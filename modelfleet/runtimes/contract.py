@@ -17,6 +17,9 @@ Canonical variables (the daemon sets them; a manifest's ``runtime.env`` goes on 
     MODELFLEET_MODEL          the manifest's Model name                             always
     MODELFLEET_ENVIRONMENT    the deployment's environment                          always
     PORT                      the port to listen on (runtime.port)                  torch, transformers
+    MODELFLEET_GATEWAY_SECRET the deployment's secret: requests without it in the   torch, transformers
+                              X-Modelfleet-Gateway-Secret header are refused (401)
+    MODELFLEET_OPEN_PATH      the readiness probe's path, answered without it        torch, transformers
 
 Older names the servers documented before, and a manifest's ``runtime.env`` may still set, are
 read as fallbacks (``LEGACY_NAMES``): ``MODEL_DIR``, ``MODEL_FILE``, ``MODEL_NAME``, ``MODEL_ID``.
@@ -25,7 +28,7 @@ read as fallbacks (``LEGACY_NAMES``): ``MODEL_DIR``, ``MODEL_FILE``, ``MODEL_NAM
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 ENV_MODEL_DIR = "MODELFLEET_MODEL_DIR"
@@ -37,6 +40,10 @@ ENV_HF_COMMIT = "MODELFLEET_HF_COMMIT"
 ENV_DEPLOYMENT_MODEL = "MODELFLEET_MODEL"
 ENV_DEPLOYMENT_ENVIRONMENT = "MODELFLEET_ENVIRONMENT"
 ENV_PORT = "PORT"
+ENV_GATEWAY_SECRET = "MODELFLEET_GATEWAY_SECRET"
+ENV_OPEN_PATH = "MODELFLEET_OPEN_PATH"
+# The header the gateway adds to every request it forwards (and drops from what clients send).
+GATEWAY_SECRET_HEADER = "x-modelfleet-gateway-secret"
 ENV_HF_HUB_OFFLINE = "HF_HUB_OFFLINE"
 ENV_TRANSFORMERS_OFFLINE = "TRANSFORMERS_OFFLINE"
 
@@ -62,6 +69,8 @@ _STRING_VARIABLES: dict[str, str] = {
     "hf_commit": ENV_HF_COMMIT,
     "deployment_model": ENV_DEPLOYMENT_MODEL,
     "deployment_environment": ENV_DEPLOYMENT_ENVIRONMENT,
+    "gateway_secret": ENV_GATEWAY_SECRET,
+    "open_path": ENV_OPEN_PATH,
 }
 VARIABLES: frozenset[str] = frozenset(
     [*_STRING_VARIABLES.values(), ENV_PORT, ENV_HF_HUB_OFFLINE, ENV_TRANSFORMERS_OFFLINE])
@@ -86,6 +95,8 @@ class RuntimeEnvironment:
     deployment_environment: str | None = None
     port: int | None = None
     offline: bool = False  # HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1
+    gateway_secret: str | None = field(default=None, repr=False)  # never in reprs or logs
+    open_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.port is not None and not 1 <= self.port <= 65535:
@@ -97,10 +108,12 @@ class RuntimeEnvironment:
 
     # --- the daemon's side ------------------------------------------------------------------------
 
-    def for_deployment(self, model: str, environment: str, *, port: int | None) -> RuntimeEnvironment:
+    def for_deployment(self, model: str, environment: str, *, port: int | None, gateway_secret: str | None = None,
+                       open_path: str | None = None) -> RuntimeEnvironment:
         """This environment for one deployment's replicas (``port``: None when the server is told its
-        port otherwise, e.g. TEI/TGI's ``--port``)."""
-        return replace(self, deployment_model=model, deployment_environment=environment, port=port)
+        port otherwise, e.g. TEI/TGI's ``--port``; ``gateway_secret``: only for servers that check it)."""
+        return replace(self, deployment_model=model, deployment_environment=environment, port=port,
+                       gateway_secret=gateway_secret, open_path=open_path if gateway_secret else None)
 
     def to_env(self) -> dict[str, str]:
         """The canonical variables of the fields that are set (nothing for ``None``)."""

@@ -44,7 +44,11 @@ default ``warmup.json`` when the archive carries one, added with ``--extra-files
 then the handler must return a valid answer. Without a sample the warm-up sends an empty body:
 the handler must run to completion or raise an ordinary exception (a crash, a hang beyond
 ``MODELFLEET_WARMUP_TIMEOUT`` seconds or a load failure keep the runtime unready).
-``MODELFLEET_WARMUP=0`` skips the call. Not implemented: server-side batching (the context says
+``MODELFLEET_WARMUP=0`` skips the call. The start is timed: once ready, one ``startup:`` log line
+says how long after the process started and where the time went (import torch, extraction, the
+handler, the warm-up); Python's garbage collector is paused while loading and warming up, and what
+was loaded is then frozen (``MODELFLEET_GC_FREEZE=0`` keeps it running; see ``_common.collector_paused``).
+Not implemented: server-side batching (the context says
 batch size 1; each request is one handler call), streaming responses
 (``send_intermediate_predict_response``), the management API (port 8081) and gRPC.
 """
@@ -85,6 +89,7 @@ from modelfleet.runtimes._common import (
     Phase,
     QueueFull,
     Readiness,
+    StartupTimes,
     WarmupRejected,
     check_health,
     check_readable,
@@ -272,26 +277,28 @@ def _import_handler_module(handler: str, model_dir: Path) -> tuple[Any, str | No
 
 
 def load_handler(model_name: str, model_dir: Path, manifest: dict[str, Any],
-                 batch_size: int = 1) -> tuple[Callable[[Any, Any], Any], Any]:
+                 batch_size: int = 1, times: StartupTimes | None = None) -> tuple[Callable[[Any, Any], Any], Any]:
     """(entry point, context) of the archive's handler, initialized. Like ts.model_loader.
 
     The model directory goes first on sys.path and becomes the working directory, as in a
     TorchServe worker (handlers import their model file and siblings by bare module name).
     """
-    import ts
-    from ts.context import Context
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-    from ts.utils.util import get_yaml_config, list_classes_from_module
+    times = times if times is not None else StartupTimes()
+    with times.step("import ts, metrics config"):
+        import ts
+        from ts.context import Context
+        from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+        from ts.utils.util import get_yaml_config, list_classes_from_module
 
-    model = manifest["model"]
-    model_yaml_config: dict[str, Any] = {}
-    if model.get("configFile"):
-        model_yaml_config = get_yaml_config(str(model_dir / model["configFile"])) or {}
+        model = manifest["model"]
+        model_yaml_config: dict[str, Any] = {}
+        if model.get("configFile"):
+            model_yaml_config = get_yaml_config(str(model_dir / model["configFile"])) or {}
 
-    metrics_config = Path(ts.__file__).parent / "configs" / "metrics.yaml"
-    metrics = MetricsCacheYamlImpl(config_file_path=str(metrics_config))
-    metrics.initialize_cache()
-    metrics.model_name = model_name
+        metrics_config = Path(ts.__file__).parent / "configs" / "metrics.yaml"
+        metrics = MetricsCacheYamlImpl(config_file_path=str(metrics_config))
+        metrics.initialize_cache()
+        metrics.model_name = model_name
 
     context = Context(model_name, str(model_dir), manifest, batch_size, None, ts.__version__,
                       True, metrics, model_yaml_config)
@@ -302,12 +309,14 @@ def load_handler(model_name: str, model_dir: Path, manifest: dict[str, Any],
     if str(model_dir) not in sys.path:
         sys.path.insert(0, str(model_dir))
     os.chdir(model_dir)
-    module, function_name = _import_handler_module(str(model["handler"]), model_dir)
+    with times.step("import handler"):
+        module, function_name = _import_handler_module(str(model["handler"]), model_dir)
     function_name = function_name or "handle"
     entry_point: Callable[[Any, Any], Any]
     if hasattr(module, function_name) and callable(getattr(module, function_name)):
         entry_point = getattr(module, function_name)
-        entry_point(None, context)  # TorchServe's function contract: initialize = handle(None, ctx)
+        with times.step("initialize handler"):
+            entry_point(None, context)  # TorchServe's function contract: initialize = handle(None, ctx)
     else:
         classes = list_classes_from_module(module)
         if len(classes) != 1:
@@ -315,10 +324,11 @@ def load_handler(model_name: str, model_dir: Path, manifest: dict[str, Any],
                 f"expected only one class in custom service code or a function entry point, "
                 f"found {[c.__name__ for c in classes]}"
             )
-        service = classes[0]()
-        if not hasattr(service, "handle"):
-            raise HandlerLoadError(f"expect handle method in class {classes[0].__name__}")
-        service.initialize(context)
+        with times.step("initialize handler"):
+            service = classes[0]()
+            if not hasattr(service, "handle"):
+                raise HandlerLoadError(f"expect handle method in class {classes[0].__name__}")
+            service.initialize(context)
         entry_point = service.handle
     return entry_point, context
 
@@ -445,18 +455,21 @@ def _worker_error(code: int, message: str) -> Prediction:
 
 
 def open_model(model_dir: Path, work_root: Path, model_file: str | None = None,
-               model_name: str | None = None) -> LoadedModel:
-    """Find, extract and load the archive under ``model_dir``: the whole load path."""
+               model_name: str | None = None, times: StartupTimes | None = None) -> LoadedModel:
+    """Find, extract and load the archive under ``model_dir``: the whole load path (its steps
+    timed into ``times``)."""
+    times = times if times is not None else StartupTimes()
     archive = find_archive(model_dir, model_file)
     check_readable(archive)
     log.info("model archive: %s", archive)
     t0 = time.monotonic()
-    extracted = extract_archive(archive, work_root)
+    with times.step("extract archive"):
+        extracted = extract_archive(archive, work_root)
     log.info("extracted to %s in %.2f s", extracted, time.monotonic() - t0)
     manifest = read_manifest(extracted)
     name = model_name or str(manifest["model"].get("modelName") or archive.stem)
     version = str(manifest["model"].get("modelVersion") or "1.0")
-    entry_point, context = load_handler(name, extracted, manifest)
+    entry_point, context = load_handler(name, extracted, manifest, times=times)
     return LoadedModel(name, version, extracted, manifest, entry_point, context)
 
 
@@ -517,8 +530,10 @@ class TorchRuntime:
     # -- loading
 
     def _load(self) -> LoadedModel:
-        configure_torch_threads()
-        model = open_model(self.model_dir, self.work_root, self.model_file, self.model_name)
+        times = self.readiness.startup
+        with times.step("import torch"):
+            configure_torch_threads()
+        model = open_model(self.model_dir, self.work_root, self.model_file, self.model_name, times)
         self.model = model  # requests may reach it while it warms up
         log.info("model %s version %s", model.name, model.version)
         return model

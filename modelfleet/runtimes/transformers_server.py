@@ -45,7 +45,10 @@ the model's own pipeline (normalized when it has no modules.json).
 Errors: OpenAI routes answer ``{"error": {"message", "type", "code"}}``, TEI/TGI routes
 ``{"error", "error_type"}``. Readiness: ``/health`` is 200 only after a warm-up call through the
 model (``MODELFLEET_WARMUP=0``: after loading). Model calls run one at a time on a dedicated
-thread; the event loop stays responsive.
+thread; the event loop stays responsive. Once ready, one ``startup:`` log line says how long after
+the process started and where the time went (import torch, import transformers, the model, the
+warm-up); the garbage collector is paused meanwhile and what was loaded frozen
+(``MODELFLEET_GC_FREEZE=0`` keeps it running; see ``_common.collector_paused``).
 """
 
 from __future__ import annotations
@@ -633,19 +636,25 @@ class TransformersRuntime:
     # -- loading
 
     def _load(self) -> None:
-        configure_torch_threads()
+        times = self.readiness.startup
+        with times.step("import torch"):
+            configure_torch_threads()
         check_readable(self.model_dir)
         task, reason = detect_task(self.model_dir, self.explicit_task)
         log.info("task %s (%s), model %s", task, reason, self.model_dir)
         dtype = _torch_dtype(self.dtype_name)
-        if task == "embeddings":
-            self.embedder = Embedder(self.model_dir, dtype)
-        elif task == "classification":
-            self.classifier = Classifier(self.model_dir, dtype)
-        elif task == "generation":
-            self.generator = Generator(self.model_dir, dtype)
-        else:
-            self.images = ImageGenerator(self.model_dir, dtype)
+        if task != "text-to-image":
+            with times.step("import transformers"):
+                import transformers  # noqa: F401
+        with times.step(f"load the {task} model"):
+            if task == "embeddings":
+                self.embedder = Embedder(self.model_dir, dtype)
+            elif task == "classification":
+                self.classifier = Classifier(self.model_dir, dtype)
+            elif task == "generation":
+                self.generator = Generator(self.model_dir, dtype)
+            else:
+                self.images = ImageGenerator(self.model_dir, dtype)
         self.task, self.task_reason = task, reason
 
     def _warm(self, _loaded: None) -> None:

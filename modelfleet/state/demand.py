@@ -23,6 +23,14 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class OverflowLoad(_Wire):
+    """Where one gateway sent the requests of a deployment with an overflow (on-prem) endpoint."""
+
+    endpoint_healthy: bool = Field(description="The endpoint gets traffic now (healthy, not ejected).")
+    to_endpoint: int = Field(0, ge=0, description="Requests the endpoint answered during the interval.")
+    to_pool: int = Field(0, ge=0, description="Requests sent to the pool (the replicas) during the interval.")
+
+
 class DeploymentLoad(_Wire):
     """One deployment's load at one gateway, over the report's interval."""
 
@@ -36,6 +44,8 @@ class DeploymentLoad(_Wire):
                                                                "None: none since the gateway started.")
     per_replica: dict[str, float] = Field(default_factory=dict,
                                           description="Backend URL -> mean requests in flight over the interval.")
+    overflow: OverflowLoad | None = Field(None, description="Deployments with an overflow endpoint: where "
+                                                            "requests went (only the pool's count as load above).")
 
 
 class DemandReport(_Wire):
@@ -60,3 +70,13 @@ class LoadSample:
     queued: int
     in_flight: int
     idle_seconds: float | None  # the smallest over the gateways (None: no request seen by any)
+    overflow: OverflowLoad | None = None  # summed over the gateways; healthy: at every one of them
+
+
+def overflow_message(overflow: OverflowLoad) -> str:
+    """Where a deployment's traffic goes, for its status (from the gateways' latest reports)."""
+    if overflow.endpoint_healthy:
+        where = "traffic goes to the overflow endpoint"
+    else:
+        where = "the overflow endpoint is unhealthy (or ejected) at a gateway: its traffic goes to the pool"
+    return f"{where} ({overflow.to_endpoint} answered by the endpoint, {overflow.to_pool} sent to the pool lately)"

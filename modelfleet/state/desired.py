@@ -118,6 +118,15 @@ class OriginFacts:
     prefer_official: bool = False
     # Models committed in the repository (origin.file.path) that are not valid archives: path -> why.
     file_errors: Mapping[str, str] = field(default_factory=dict)
+    # Keys of ``errors`` that are the Hub's (unreachable, failing), not the manifest's: retried every pass.
+    unavailable: frozenset[tuple[str, str]] = frozenset()
+    # The metadata a runtime is chosen from could not be read (the Hub is unreachable and no earlier
+    # answer is kept): an error only for deployments that name no runtime type (their runtime, hence
+    # spec hash, would change with the Hub's availability).
+    metadata_errors: Mapping[tuple[str, str], str] = field(default_factory=dict)
+
+
+_RETRIED = "the daemon asks the Hub again every pass"
 
 
 def resolved_origin(
@@ -290,7 +299,11 @@ def _resolve(
         hf_commit, metadata = hf_commits.get(hf_key), facts.metadata.get(hf_key)
         if hf_key in facts.errors:
             state.errors.append(entry.source.error(("origin", "huggingface"), facts.errors[hf_key],
+                                                   _RETRIED if hf_key in facts.unavailable else
                                                    "check the model id, the revision and the daemon's HF token"))
+        elif hf_key in facts.metadata_errors and (spec.runtime is None or spec.runtime.type is None):
+            state.errors.append(entry.source.error(("origin", "huggingface"), facts.metadata_errors[hf_key],
+                                                   _RETRIED + ", or name runtime.type"))
     if origin is not None and origin.file is not None:
         if origin.file.path is not None and origin.file.path in facts.file_errors:
             state.errors.append(entry.source.error(("origin", "file", "path"), facts.file_errors[origin.file.path],

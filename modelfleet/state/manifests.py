@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -365,11 +366,94 @@ class Serverless(Strict):
         return self
 
 
+class OverflowHealthCheck(Strict):
+    """The active health check of an overflow endpoint: a GET every period, from each gateway."""
+
+    path: str = Field("/", description="The path to GET; starts with '/'. Any answer below 500 is healthy.",
+                      json_schema_extra={"pattern": "^/"})
+    period: Duration = Field(5.0, description="Time between checks; more than 0.")
+    timeout: Duration = Field(2.0, description="Timeout of one check; more than 0.")
+    failure_threshold: Annotated[int, Field(ge=1)] = Field(2, description="Failed checks in a row after which "
+                                                                          "the endpoint gets no traffic (until a "
+                                                                          "check succeeds again).")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("overflow.healthCheck.path must start with '/' (e.g. /ping)")
+        return value
+
+    @model_validator(mode="after")
+    def _positive(self) -> OverflowHealthCheck:
+        problems = [f"overflow.healthCheck.{name} must be more than 0 (e.g. {example})"
+                    for name, value, example in (("period", self.period, "5s"), ("timeout", self.timeout, "2s"))
+                    if value <= 0]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class OutlierDetection(Strict):
+    """Passive health of an overflow endpoint (Envoy's outlier detection): failures of real requests."""
+
+    consecutive_failures: Annotated[int, Field(ge=1)] = Field(
+        5, description="Requests in a row that failed to connect or got a 5xx, after which the endpoint is "
+                       "ejected (gets no traffic) for ejectionTime.")
+    ejection_time: Duration = Field(30.0, description="How long an ejected endpoint gets no traffic; more than 0.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> OutlierDetection:
+        if self.ejection_time <= 0:
+            raise ValueError("overflow.outlierDetection.ejectionTime must be more than 0 (e.g. 30s)")
+        return self
+
+
+class Overflow(Strict):
+    """A model already running on your own infrastructure: gateways send traffic there first, and to the
+    deployment's own (serverless) replicas beyond maxConcurrency, for a steady percentage, and while it is
+    unhealthy."""
+
+    endpoint: str = Field(description="The on-prem model's base URL (http:// or https://); the request's "
+                                      "sub-path and query are appended.",
+                          json_schema_extra={"pattern": "^https?://[^/?#]+"})
+    token_file: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="A file on the gateway's machine holding a bearer token sent to the endpoint "
+                          "(Authorization: Bearer); re-read when it changes, never published nor logged.")
+    health_check: OverflowHealthCheck = Field(default_factory=OverflowHealthCheck,
+                                              description="The active health check of the endpoint.")
+    outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection,
+                                                description="Ejection of the endpoint after failed requests.")
+    max_concurrency: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Requests in flight at the endpoint (per gateway) beyond which more go to the "
+                          "replicas; default: no limit.")
+    percentage: Annotated[float, Field(ge=0, le=100)] = Field(
+        0.0, description="The share of requests (0-100) sent to the replicas even while the endpoint is "
+                         "healthy and below maxConcurrency.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"overflow.endpoint must be an http:// or https:// URL with a host, got {value!r} "
+                             "(e.g. http://10.0.0.5:8080)")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError(f"overflow.endpoint {value!r} has an invalid port") from None
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(f"overflow.endpoint {value!r} must not have a query, fragment or credentials: "
+                             "put a bearer token in overflow.tokenFile")
+        return value.rstrip("/")
+
+
 class Deployment(Strict):
     """Where and how the model runs in one environment."""
 
     model_config = ConfigDict(json_schema_extra={"allOf": [
         {"not": {"required": ["replicas", "serverless"]}},
+        {"if": {"required": ["overflow"]}, "then": {"required": ["serverless"]}},
         {"if": {"not": {"required": ["origin"]}},
          "then": {"required": ["runtime"], "properties": {"runtime": {
              "type": "object", "required": ["type"], "properties": {"type": {"const": "custom"}}}}}},
@@ -389,11 +473,16 @@ class Deployment(Strict):
     replicas: Annotated[int, Field(ge=0, le=1000)] | None = Field(
         None, description="A fixed number of replicas (default 1); not with serverless.")
     serverless: Serverless | None = Field(None, description="Scale with demand; not with replicas.")
+    overflow: Overflow | None = Field(None, description="Send traffic to a model on your own infrastructure "
+                                                        "first, and to the replicas beyond it; needs serverless.")
 
     @model_validator(mode="after")
     def _coherent(self) -> Deployment:
         if self.replicas is not None and self.serverless is not None:
             raise ValueError("a deployment takes either replicas or serverless, not both")
+        if self.overflow is not None and self.serverless is None:
+            raise ValueError("overflow needs serverless (the replicas that take what the endpoint does not, "
+                             "started on demand): add serverless: {minReplicas: 0, maxReplicas: 1}")
         if self.origin is None and (self.runtime is None or self.runtime.type != "custom"):
             # Nothing to suggest a runtime from: a deployment without origin must say what it runs.
             raise ValueError("origin may be omitted only for runtime.type custom: set runtime.type custom "

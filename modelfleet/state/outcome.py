@@ -13,6 +13,7 @@ from modelfleet.state.plan import ActionOutcome
 from modelfleet.state.planning import Plan, failed_rollout_marker, scale_json
 from modelfleet.state.status import (
     AGGREGATE_CONTEXT,
+    DELETION_HELD,
     DISABLED,
     HOST_ERROR,
     INVALID_MANIFEST,
@@ -96,6 +97,8 @@ def deployment_statuses(
                 message += f" (+{len(state.errors) - 1} more)"
             if key in present:
                 message += "; the last good version keeps running"
+        elif not state.enabled and key in plan.deletion_held and plan.deletion_hold:
+            status, reason, message = "failure", DELETION_HELD, plan.deletion_hold
         elif not state.enabled:
             status, reason, message = "success", DISABLED, "disabled: no replicas, endpoint answers 404"
         elif failures and any(f.terminal for f in failures):

@@ -36,7 +36,9 @@ from modelfleet.state.readiness import (
     with_verdict,
 )
 from modelfleet.state.routes import route_key
+from modelfleet.state.safety import DELETION_HELD_PREFIX, deletion_hold
 from modelfleet.state.status import (
+    DELETION_HELD,
     DISABLED,
     INVALID_MANIFEST,
     PROGRESSING,
@@ -88,6 +90,10 @@ class PlanInputs:
     now: float = 0.0
     down_after: float = 10.0  # docker.downAfter
     auto_revert: bool = True  # rollout.autoRevert
+    # Deletion safety (state/safety.py): safety.maxDeletionPercent (100: off), and whether this
+    # commit's deletions are confirmed (its trailer, or `modelfleet confirm <sha>`).
+    max_deletion_percent: float = 50.0
+    deletion_confirmed: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,9 @@ class Plan:
     probe_failures: dict[str, int] = field(default_factory=dict)
     not_ready: dict[Key, dict[str, str]] = field(default_factory=dict)  # container name -> why
     left_routes: list[str] = field(default_factory=list)  # why each replica this pass took out of the routes
+    # Deletion safety: why this commit's removals are held (the aggregate status), and of which deployments.
+    deletion_hold: str | None = None
+    deletion_held: frozenset[Key] = frozenset()
 
     def pending_touched(self) -> set[Key]:
         return {(a.model, a.environment) for a in self.actions}
@@ -163,7 +172,10 @@ def scale_json(decision: ScaleDecision) -> dict[str, object]:
 def plan(inputs: PlanInputs, memo: DesiredMemo | None = None) -> Plan:
     """The pass's decisions, in the order the daemon used to take them one by one."""
     unreachable = frozenset(inputs.unreachable)
-    suspect = frozenset(h for h, since in inputs.unreachable.items() if inputs.now - since < inputs.down_after)
+    # A since-time in the future (the wall clock was set back after it was recorded) counts from
+    # now: the host gets its docker.downAfter grace from here (remembered so), never less or more.
+    since_times = {h: min(since, inputs.now) for h, since in inputs.unreachable.items()}
+    suspect = frozenset(h for h, since in since_times.items() if inputs.now - since < inputs.down_after)
     down = unreachable - suspect
     # 1. The inventory in line with what the hosts show.
     if inputs.inventory is None:
@@ -206,16 +218,25 @@ def plan(inputs: PlanInputs, memo: DesiredMemo | None = None) -> Plan:
     probe_failures = failures_after(inputs.probe_failures, monitored if probed else (), verdict, rows or ())
     # 6. Diff, then hold what this pass must not do.
     proposed = diff(desired, actual, owned)
-    actions, held = _hold(proposed, failed, rows, wanted, suspect, inputs.unreachable, inputs.now)
+    actions, held = _hold(proposed, failed, rows, wanted, suspect, since_times, inputs.now)
+    safety = deletion_hold(proposed, actual, owned, inputs.revision, inputs.max_deletion_percent,
+                           inputs.deletion_confirmed)
+    if safety.held:  # what runs keeps running (and routed); the rest of the commit applies
+        kept = {id(a) for a in safety.held}
+        already = {id(h.action) for h in held}
+        actions = [a for a in actions if id(a) not in kept]
+        held = held + [HeldAction(a, safety.message or "") for a in safety.held if id(a) not in already]
     changes = InventoryChanges(tuple(forget), tuple(ids), tuple(unready), tuple(adopted), tuple(ready_updates))
-    route_keys = frozenset(route_key(*k) for k, s in desired.deployments.items() if s.enabled or s.frozen)
+    route_keys = frozenset(route_key(*k) for k, s in desired.deployments.items() if s.enabled or s.frozen) \
+        | {route_key(*k) for k in safety.keys}
     notes = _notes(inputs.catalog, desired)
     outcomes = _outcomes(desired, actions, held, failed)
     return Plan(inputs.catalog, desired, actions, held, changes, rows, checks, unanswered, unreachable, suspect,
-                down, dict(inputs.unreachable), failed, route_keys, outcomes, notes, scaling,
+                down, since_times, failed, route_keys, outcomes, notes, scaling,
                 monitored=_monitored(monitored, actions), probe_failures=probe_failures,
                 not_ready=_not_ready(verdict, unanswered),
-                left_routes=[verdict.why[c.key] for c in monitored if (c.host, c.name) in verdict.unready])
+                left_routes=[verdict.why[c.key] for c in monitored if (c.host, c.name) in verdict.unready],
+                deletion_hold=safety.message, deletion_held=safety.keys)
 
 
 def _autoscale(inputs: PlanInputs, actual: list[ObservedReplica]) -> tuple[Mapping[Key, int] | None,
@@ -348,6 +369,8 @@ def _outcome(state: DeploymentState, touched: bool, holds: list[HeldAction], fai
         message = str(state.errors[0]) + (f" (+{len(state.errors) - 1} more)" if len(state.errors) > 1 else "")
         return Outcome("failure", INVALID_MANIFEST, message + "; what runs keeps running")
     if not state.enabled:
+        if any(h.why.startswith(DELETION_HELD_PREFIX) for h in holds):
+            return Outcome("failure", DELETION_HELD, holds[0].why)
         return Outcome("success", DISABLED, "disabled: no replicas, endpoint answers 404")
     marker = failed_rollout_marker(state.model, state.environment, state.spec_hash or "")
     if marker in failed:
@@ -471,7 +494,7 @@ class DesiredMemo:
             frozenset((k, frozenset(v.items())) for k, v in previous.items()),
             frozenset((demand or {}).items()),
             frozenset(facts.commits.items()), frozenset(facts.errors.items()), facts.prefer_official,
-            frozenset(facts.file_errors.items()),
+            frozenset(facts.file_errors.items()), facts.unavailable, frozenset(facts.metadata_errors.items()),
             frozenset((k, tuple(sorted((str(a), str(b)) for a, b in v.items()))) for k, v in facts.metadata.items()),
         )
 

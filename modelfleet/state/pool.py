@@ -68,11 +68,28 @@ class Host(_Strict):
     url: str = "unix:///var/run/docker.sock"
     # Address at which the gateway reaches ports published on this host; derived from url if unset.
     address: str | None = None
+    # The address container ports are published on (never 0.0.0.0 by default): the gateway's way
+    # in. Default: ``address`` (or the url's host) when it is an IP address, else 127.0.0.1 for a
+    # local socket; set it when the url names the host by DNS name.
+    publish_address: str | None = None
     tls: TlsFiles | None = None
     location: HostLocation
     flavors: Annotated[list[HostFlavor], Field(min_length=1)]
     capacity: Capacity
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("publish_address")
+    @classmethod
+    def _ip_literal(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        import ipaddress
+
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address: publishAddress is the host's address ports "
+                             "are published on, e.g. 10.0.0.5") from None
 
     @field_validator("url")
     @classmethod
@@ -84,6 +101,18 @@ class Host(_Strict):
     @property
     def flavor_names(self) -> frozenset[str]:
         return frozenset(f.name for f in self.flavors)
+
+    @property
+    def publish_ip(self) -> str:
+        """The IP address published container ports bind to on this host."""
+        if self.publish_address:
+            return self.publish_address
+        import ipaddress
+
+        try:
+            return str(ipaddress.ip_address(self.reach_address))
+        except ValueError:
+            return "0.0.0.0"  # a DNS name: the documented fallback (set publishAddress)
 
     @property
     def reach_address(self) -> str:

@@ -21,7 +21,8 @@ UNSCHEDULABLE = "Unschedulable"
 HOST_ERROR = "HostError"
 DISABLED = "Disabled"
 STANDBY = "ScaledToZero"
-STALLING_REASONS = frozenset({INVALID_MANIFEST, UNSCHEDULABLE, ROLLOUT_FAILED})
+DELETION_HELD = "DeletionHeld"  # removals held by deletion safety (state/safety.py) until confirmed
+STALLING_REASONS = frozenset({INVALID_MANIFEST, UNSCHEDULABLE, ROLLOUT_FAILED, DELETION_HELD})
 
 STATE_RANK: dict[State, int] = {"success": 0, "pending": 1, "failure": 2, "error": 3}
 
@@ -91,11 +92,14 @@ def conditions_for(state: State, reason: str, message: str, previous: list[Condi
     return wanted
 
 
-def aggregate(statuses: list[DeploymentStatus], global_errors: list[str]) -> CommitStatus:
+def aggregate(statuses: list[DeploymentStatus], global_errors: list[str],
+              deletion_hold: str | None = None) -> CommitStatus:
     if global_errors:
         first = global_errors[0]
         more = f" (+{len(global_errors) - 1} more)" if len(global_errors) > 1 else ""
         return CommitStatus(AGGREGATE_CONTEXT, "failure", f"{first}{more}")
+    if deletion_hold:  # deletion safety: the commit's removals wait for a confirmation
+        return CommitStatus(AGGREGATE_CONTEXT, "failure", deletion_hold)
     if not statuses:
         return CommitStatus(AGGREGATE_CONTEXT, "success", "no deployments")
     worst: State = max((s.state for s in statuses), key=lambda st: STATE_RANK[st])
@@ -108,5 +112,7 @@ def aggregate(statuses: list[DeploymentStatus], global_errors: list[str]) -> Com
                         f"{len(bad)} of {len(statuses)} deployment(s) {verb}: {names} — {bad[0].message}")
 
 
-def commit_statuses(statuses: list[DeploymentStatus], global_errors: list[str]) -> list[CommitStatus]:
-    return [CommitStatus(s.context, s.state, s.message) for s in statuses] + [aggregate(statuses, global_errors)]
+def commit_statuses(statuses: list[DeploymentStatus], global_errors: list[str],
+                    deletion_hold: str | None = None) -> list[CommitStatus]:
+    return [CommitStatus(s.context, s.state, s.message) for s in statuses] + [
+        aggregate(statuses, global_errors, deletion_hold)]

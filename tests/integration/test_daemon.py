@@ -128,7 +128,9 @@ def test_failing_version_is_reverted_and_commit_gets_failure(fleet: Fleet) -> No
 
 def test_disabled_deployment_is_removed_and_endpoint_answers_404(fleet: Fleet) -> None:
     fleet.wait(lambda: ready(fleet, "echo"), 30, "echo ready")
-    revision = fleet.push({"models/echo.yaml": echo_model(enabled=False)}, "disable echo")
+    # (The only deployment: deletion safety holds it without the trailer, tests/integration/test_deletion_safety.py.)
+    revision = fleet.push({"models/echo.yaml": echo_model(enabled=False)},
+                          "disable echo\n\nModelfleet-Confirm: deletions")
     fleet.wait(lambda: not fleet.containers(), 20, "replicas removed")
     fleet.wait(lambda: fleet.call("echo", "/").status_code == 404, 5, "404 from the gateway")
     fleet.wait(lambda: statuses_of(fleet, revision).get("modelfleet/production/echo") == "success", 10, "status")

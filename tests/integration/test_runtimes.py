@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from modelfleet.reconciler.gateway.routes import RouteStore
 from modelfleet.reconciler.images import build, content
 from modelfleet.reconciler.pool.adapter import ContainerSpec, HostClient
 from modelfleet.runtimes.contract import RuntimeEnvironment
@@ -316,6 +317,28 @@ def test_the_runtimes_report_what_the_daemon_told_them(runtime_host: Any, clean_
                                   trust_env=False)
             assert embedded.status_code == 200 and embedded.json()["model"] == MINILM
 
+            # The gateway is the only way in: the replicas' ports are published on the host's pool
+            # address (not 0.0.0.0), and a request sent to them directly, without the deployment's
+            # secret the gateway adds, is refused; only the readiness probe answers.
+            store = RouteStore(fleet.state_dir)
+            try:
+                table = store.latest()
+            finally:
+                store.close()
+            assert table is not None
+            direct = {key: backends[0].url for key, backends in table.routes.items() if backends}
+            assert len(direct) == 2, table.routes
+            for url in direct.values():
+                refused = httpx.post(f"{url}/predictions/tiny", json={"inputs": [1, 2, 3, 4]}, timeout=10,
+                                     trust_env=False)
+                assert refused.status_code == 401, (url, refused.status_code, refused.text)
+                spoofed = httpx.get(f"{url}/info", headers={"x-modelfleet-gateway-secret": "guess"}, timeout=10,
+                                    trust_env=False)
+                assert spoofed.status_code == 401
+            for name, path in (("tiny-model", "/ping"), ("minilm", "/health")):
+                assert httpx.get(f"{direct[f'{name}/production']}{path}", timeout=10,
+                                 trust_env=False).status_code == 200
+
             # What they report is what their environment holds, in the contract's names.
             replicas = [c for c in fleet.containers() if "modelfleet.model" in c["labels"]]
             assert sorted(c["labels"]["modelfleet.model"] for c in replicas) == ["minilm", "tiny-model"]
@@ -326,3 +349,6 @@ def test_the_runtimes_report_what_the_daemon_told_them(runtime_host: Any, clean_
                 assert told.deployment_model == container["labels"]["modelfleet.model"]
                 assert told.model_dir == "/model" and told.port == 8080
                 assert told.artifact in (digest, f"hf:{MINILM}@{FAKE_COMMIT}")
+                assert told.gateway_secret and told.open_path in ("/ping", "/health")
+                bindings = inspect(runtime_host, container["id"])["HostConfig"]["PortBindings"]
+                assert {b["HostIp"] for b in bindings["8080/tcp"]} == {runtime_host.address}, bindings

@@ -4,8 +4,11 @@ the size-limited body reader (each server's tests check its own HTTP shapes of t
 from __future__ import annotations
 
 import asyncio
+import gc
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
@@ -15,13 +18,16 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from modelfleet.runtimes._common import (
+    ENV_GC_FREEZE,
     BodyTooLarge,
     ModelThread,
     Phase,
     Readiness,
     WarmupRejected,
     check_health,
+    collector_paused,
     load_then_warm,
+    process_age,
     read_body,
 )
 
@@ -42,6 +48,86 @@ def test_ready_only_after_the_warm_up_call_answered_with_what_was_loaded() -> No
     assert seen == ["the model"]
     assert readiness.phase is Phase.READY and readiness.message == "model answers"
     assert readiness.load_seconds is not None
+
+
+@pytest.fixture
+def gc_restored() -> Iterator[None]:
+    """The test process's collector as it was (enabled, nothing frozen) afterwards."""
+    enabled = gc.isenabled()
+    yield
+    gc.unfreeze()
+    if enabled:
+        gc.enable()
+    else:
+        gc.disable()
+
+
+def test_the_collector_is_paused_while_loading_and_warming_then_what_was_loaded_is_frozen(gc_restored: None) -> None:
+    gc.enable()
+    gc.unfreeze()
+    seen: list[tuple[str, bool]] = []
+
+    def load() -> object:
+        seen.append(("load", gc.isenabled()))
+        return [object() for _ in range(100)]  # survives: frozen afterwards
+
+    readiness, _ = start(load, lambda _: seen.append(("warm", gc.isenabled())))
+    assert seen == [("load", False), ("warm", False)]
+    assert readiness.ready and gc.isenabled() and gc.get_freeze_count() >= 100
+
+
+def test_a_failed_load_turns_the_collector_back_on(gc_restored: None) -> None:
+    gc.enable()
+
+    def load() -> object:
+        raise OSError("weights are corrupt")
+
+    readiness, _ = start(load, None)
+    assert readiness.phase is Phase.FAILED and gc.isenabled()
+
+
+def test_the_collector_is_left_alone_when_told_or_already_off(gc_restored: None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    gc.enable()
+    gc.unfreeze()
+    monkeypatch.setenv(ENV_GC_FREEZE, "0")
+    seen: list[bool] = []
+    start(lambda: seen.append(gc.isenabled()), None)
+    assert seen == [True] and gc.isenabled() and gc.get_freeze_count() == 0
+    # Already off (another load in the same process, or the embedding program's choice): stays off.
+    gc.disable()
+    with collector_paused(True):
+        pass
+    assert not gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_the_startup_steps_and_the_process_age_at_ready_are_recorded() -> None:
+    readiness = Readiness()
+    thread = ModelThread()
+
+    def load_with_steps() -> object:
+        with readiness.startup.step("import things"):
+            pass
+        with readiness.startup.step("read weights"):
+            pass
+        return "m"
+
+    try:
+        asyncio.run(load_then_warm(thread, readiness, load_with_steps, lambda _: None))
+    finally:
+        thread.shutdown()
+    assert list(readiness.startup.steps) == ["process start to loading", "import things", "read weights", "warm-up"]
+    assert readiness.warmup_seconds is not None and readiness.ready_after is not None
+    assert readiness.ready_after >= readiness.startup.steps["process start to loading"]
+    assert "import things 0.00 s" in readiness.startup.summary()
+
+
+def test_process_age_counts_from_the_start_of_the_process() -> None:
+    code = "import time; time.sleep(0.3); from modelfleet.runtimes._common import process_age; print(process_age())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert float(out.stdout) >= 0.28  # the kernel's start time, not the import of the module
+    age = process_age()
+    assert age is not None and age > 0
 
 
 def test_warm_up_disabled_is_ready_once_loaded() -> None:

@@ -13,7 +13,7 @@ from modelfleet.runtimes.contract import ContractError, RuntimeEnvironment
 FULL = RuntimeEnvironment(
     model_dir="/model", artifact="hf:org/m@" + "a" * 40, model_archive="/model/m.mar", model_name="m",
     model_id="org/m", hf_commit="a" * 40, deployment_model="m", deployment_environment="production",
-    port=9000, offline=True,
+    port=9000, offline=True, gateway_secret="s" * 64, open_path="/ping",
 )
 
 
@@ -23,6 +23,7 @@ def test_to_env_uses_the_canonical_names_and_omits_what_is_unset() -> None:
         "MODELFLEET_MODEL_ARCHIVE": "/model/m.mar", "MODELFLEET_MODEL_NAME": "m", "MODELFLEET_MODEL_ID": "org/m",
         "MODELFLEET_HF_COMMIT": "a" * 40, "MODELFLEET_MODEL": "m", "MODELFLEET_ENVIRONMENT": "production",
         "PORT": "9000", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "MODELFLEET_GATEWAY_SECRET": "s" * 64, "MODELFLEET_OPEN_PATH": "/ping",
     }
     assert RuntimeEnvironment().to_env() == {}
     assert RuntimeEnvironment(model_id="org/m").to_env() == {"MODELFLEET_MODEL_ID": "org/m"}

@@ -61,6 +61,10 @@ def test_eager_archive_answers_like_the_model(servers: dict[str, TorchServer]) -
     server = servers["eager"]
     ping = server.wait()
     assert ping.json() == {"status": "Healthy"}
+    # Where the start went, in one log line (the cold-start benchmark reads it).
+    startup = next(line for line in server.log().splitlines() if "startup: ready" in line)
+    for step in ("process start to loading", "import torch", "extract archive", "initialize handler", "warm-up"):
+        assert f"{step} " in startup, startup
     response = httpx.post(f"{server.base}/predictions/tiny", json={"inputs": X})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/json"

@@ -11,6 +11,7 @@ import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -139,6 +140,11 @@ def test_health_and_info(minilm: InProcessServer) -> None:
     assert info["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
     models = httpx.get(f"{minilm.base}/v1/models").json()
     assert models["data"][0]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    app: Any = minilm.server.config.app  # the Starlette app the fixture serves
+    readiness = app.state.runtime.readiness
+    assert list(readiness.startup.steps) == ["process start to loading", "import torch", "import transformers",
+                                             "load the embeddings model", "warm-up"]
+    assert readiness.ready_after is not None
 
 
 def test_info_reports_what_the_daemon_set(lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

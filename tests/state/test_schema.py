@@ -67,6 +67,11 @@ def test_schema_uses_the_yaml_names_forbids_unknown_keys_and_has_descriptions() 
     assert set(definitions["Serverless"]["properties"]) == {
         "minReplicas", "maxReplicas", "metric", "target", "scaleDownDelay", "scaleToZeroGrace", "stableWindow",
         "panicWindow", "panicThreshold", "queue", "activationTimeout"}
+    assert set(definitions["Overflow"]["properties"]) == {
+        "endpoint", "tokenFile", "healthCheck", "outlierDetection", "maxConcurrency", "percentage"}
+    assert set(definitions["OverflowHealthCheck"]["properties"]) == {"path", "period", "timeout", "failureThreshold"}
+    assert set(definitions["OutlierDetection"]["properties"]) == {"consecutiveFailures", "ejectionTime"}
+    assert "overflow" in definitions["Deployment"]["properties"]
     assert all(d.get("additionalProperties") is False for d in definitions.values())
     assert "suggested from the origin" in runtime["properties"]["type"]["description"]
     assert definitions["Deployment"]["description"]

@@ -93,6 +93,15 @@ class HuggingFaceResolver:
         self._write_ref(model, revision, sha)
         return sha
 
+    def last_resolved(self, model: str, revision: str) -> str | None:
+        """The commit ``revision`` of ``model`` resolved to the last time the Hub answered (kept in
+        the cache's ``refs/``, so it survives a restart); None if never. No network."""
+        if _COMMIT.match(revision or ""):
+            return revision
+        if not _REF.match(revision or "") or ".." in revision.split("/") or not _REPO_ID.match(model or ""):
+            return None
+        return self._cached_ref(model, revision)
+
     def snapshot(self, model: str, commit: str) -> Path:
         """Local directory with every file of ``model`` at ``commit`` (downloaded once, then cached)."""
         self._check_repo(model)
@@ -126,17 +135,19 @@ class HuggingFaceResolver:
         """Facts to suggest a runtime: ``pipeline_tag``, ``library_name``, ``architectures``,
         ``model_type``, ``tags``, ``sentence_transformers`` (and ``source``: hub or cache)."""
         self._check_repo(model)
+        return self._with_local_files(self._hub_metadata(model, commit) if not self.offline else {}, model, commit)
+
+    def kept_metadata(self, model: str, commit: str) -> dict[str, Any] | None:
+        """``model_metadata`` from the Hub's answer kept on disk, without any network; None if none is kept."""
+        if not _REPO_ID.match(model or "") or not _COMMIT.match(commit or ""):
+            return None
+        kept = self._kept_metadata(model, commit)
+        return self._with_local_files(kept, model, commit) if kept is not None else None
+
+    def _with_local_files(self, hub: dict[str, Any], model: str, commit: str) -> dict[str, Any]:
         meta: dict[str, Any] = {"pipeline_tag": None, "library_name": None, "architectures": [],
                                 "model_type": None, "tags": [], "sentence_transformers": False, "source": "cache"}
-        if not self.offline:
-            info = self._call(model, commit, "read metadata of", lambda: self._api().model_info(
-                model, revision=commit, timeout=self.timeout))
-            config = getattr(info, "config", None) or {}
-            meta.update(source="hub", pipeline_tag=getattr(info, "pipeline_tag", None),
-                        library_name=getattr(info, "library_name", None), tags=list(getattr(info, "tags", None) or []))
-            if isinstance(config, dict):
-                meta["architectures"] = list(config.get("architectures") or [])
-                meta["model_type"] = config.get("model_type")
+        meta.update(hub)
         folder = self._snapshot_dir(model, commit) if _COMMIT.match(commit or "") else None
         if folder is not None and folder.is_dir():
             config_file = folder / "config.json"
@@ -156,6 +167,46 @@ class HuggingFaceResolver:
         return meta
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def _hub_metadata(self, model: str, commit: str) -> dict[str, Any]:
+        """What the Hub says about ``model`` at ``commit``, kept on disk: when the Hub cannot be
+        reached later (a restart during an outage) the answer kept is used, so that the runtime
+        chosen from it, hence the spec hash, does not change with the Hub's availability."""
+        kept = self._metadata_file(model, commit) if _COMMIT.match(commit or "") else None
+        try:
+            info = self._call(model, commit, "read metadata of", lambda: self._api().model_info(
+                model, revision=commit, timeout=self.timeout))
+        except OriginError:
+            data = self._kept_metadata(model, commit) if kept is not None else None
+            if data is None:
+                raise
+            log.info("the Hub is unreachable: using the metadata of %s@%s kept from its last answer",
+                     model, commit[:12])
+            return data
+        config = getattr(info, "config", None) or {}
+        answer: dict[str, Any] = {"source": "hub", "pipeline_tag": getattr(info, "pipeline_tag", None),
+                                  "library_name": getattr(info, "library_name", None),
+                                  "tags": list(getattr(info, "tags", None) or [])}
+        if isinstance(config, dict):
+            answer["architectures"] = list(config.get("architectures") or [])
+            answer["model_type"] = config.get("model_type")
+        if kept is not None:
+            try:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write(kept, json.dumps(answer, default=str))
+            except (OSError, TypeError, ValueError) as exc:
+                log.warning("cannot keep the metadata of %s@%s: %s", model, commit[:12], exc)
+        return answer
+
+    def _kept_metadata(self, model: str, commit: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self._metadata_file(model, commit).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _metadata_file(self, model: str, commit: str) -> Path:
+        return self.cache_dir / ".modelfleet" / "metadata" / model.replace("/", "--") / f"{commit}.json"
 
     def _api(self) -> Any:
         from huggingface_hub import HfApi

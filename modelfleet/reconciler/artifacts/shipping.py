@@ -57,7 +57,7 @@ from modelfleet.reconciler.artifacts.errors import InvalidOrigin, ShippingError
 from modelfleet.reconciler.artifacts.huggingface import HuggingFaceResolver
 from modelfleet.reconciler.artifacts.mar import MarInfo, validate_mar
 from modelfleet.reconciler.artifacts.store import ArtifactStore, normalize_digest
-from modelfleet.reconciler.errors import DockerOperationError, ImageMissing
+from modelfleet.reconciler.errors import DockerOperationError, HostUnavailable, ImageMissing
 from modelfleet.reconciler.pool.adapter import HostClient
 from modelfleet.runtimes.contract import RuntimeEnvironment
 from modelfleet.state.desired import DesiredReplica
@@ -569,9 +569,12 @@ class ArtifactShipper:
         digests: dict[str, str] = {f.path: f.sha256 for f in plan.files if f.sha256 is not None}
         started = time.monotonic()
         helper = ops.create_helper(image, plan.volume, plan.id)
+        shipped = False
         try:
             try:
                 ops.put_archive(helper, TarStream(plan.files, self.chunk_size, on_bytes, digests))
+            except (DockerOperationError, HostUnavailable) as exc:
+                raise ShippingError(_copy_failed(plan, host, f"after {sent} of {total} bytes", exc)) from None
             finally:
                 with self._lock:
                     self.bytes_sent += sent
@@ -585,9 +588,19 @@ class ArtifactShipper:
                 "id": plan.id, "kind": plan.kind, "shippedAt": time.time(), **plan.meta,
                 "files": [{"path": f.path, "size": f.size, "sha256": digests.get(f.path)} for f in plan.files],
             }
-            ops.put_archive(helper, _small_tar(MARKER, json.dumps(marker, indent=1).encode()))
+            try:
+                ops.put_archive(helper, _small_tar(MARKER, json.dumps(marker, indent=1).encode()))
+            except (DockerOperationError, HostUnavailable) as exc:
+                raise ShippingError(_copy_failed(plan, host, f"writing its completion marker {MARKER}", exc)) \
+                    from None
+            shipped = True
         finally:
             ops.remove(helper)
+            if not shipped:
+                # Never leave a half volume behind: it holds no marker (never mounted as complete),
+                # and removing it now gives back the space it took (a full disk stays usable).
+                with contextlib.suppress(Exception):
+                    ops.remove_volume(plan.volume)
         record = Transfer(host, plan.id, plan.volume, sent, transfer_seconds, verify_seconds, verified_by)
         with self._lock:
             self.transfers = [*self.transfers[-99:], record]
@@ -641,6 +654,16 @@ class ArtifactShipper:
                     plan.id)
         self._hash_tool[(host, image)] = None
         return "size"
+
+
+def _copy_failed(plan: ArtifactPlan, host: str, where: str, exc: Exception) -> str:
+    detail = str(exc)
+    hint = ""
+    if "no space left" in detail.lower() or "disk quota" in detail.lower():
+        hint = f" (disk full on host {host}: free space under its Docker data root)"
+    return (f"copying {plan.id} ({plan.size} bytes) into volume {plan.volume} on host {host} failed {where}: "
+            f"{detail}{hint}; the volume is not marked complete (never mounted) and is removed; the next pass "
+            "ships it again")
 
 
 def _missing_executable(text: str) -> bool:

@@ -116,9 +116,12 @@ def _one_shot(command: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 def cmd_plan(args: argparse.Namespace) -> int:
     """The plan a daemon pass would apply. Against the live pool it plans from the same facts the
     daemon does (observation, the daemon's store under stateDir, readiness probes), with the same
-    function; --offline plans against an empty pool."""
-    repo = _repo_dir(args.repo)
+    function; --offline plans against an empty pool. --ref plans a ref of the remote repository
+    (repo.url) as the daemon plans a review branch: without probing again."""
     config = _load_config_or_exit(args.config)
+    if getattr(args, "ref", None):
+        return _plan_ref(args, config)
+    repo = _repo_dir(args.repo)
     tree = DirectoryTree(repo)
     catalog = load_tree(tree)
     revision = _revision_of(repo)
@@ -131,6 +134,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         _print_plan(result, args.explain)
     if result.desired.errors and not args.json:
+        for error in result.desired.errors:
+            err.print(str(error), markup=False)
+    return EXIT_INVALID if result.desired.errors else EXIT_OK
+
+
+def _plan_ref(args: argparse.Namespace, config: Config) -> int:
+    """``plan --ref REF``: fetch REF of repo.url into a temporary bare repository (the daemon's
+    mirror and store are only read) and plan its commit like a review branch head."""
+    import shutil
+    import tempfile
+
+    from modelfleet.reconciler.source.ref import RefError, fetch_ref
+
+    scratch = Path(tempfile.mkdtemp(prefix="modelfleet-plan-"))
+    try:
+        try:
+            tree, revision = fetch_ref(config.repo.url, args.ref, scratch)
+        except RefError as exc:
+            err.print(str(exc), markup=False)
+            return EXIT_RUNTIME
+        catalog = load_tree(tree)
+        if args.offline:
+            result = plan(PlanInputs(catalog=catalog, hosts=list(config.pool.hosts), revision=revision))
+        else:
+            result = _plan_live(config, catalog, tree, revision, probe=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        sys.stdout.write(_plan_json(result.to_json(explain=args.explain)))
+    else:
+        _print_plan(result, args.explain)
         for error in result.desired.errors:
             err.print(str(error), markup=False)
     return EXIT_INVALID if result.desired.errors else EXIT_OK
@@ -151,7 +185,8 @@ def _plan_json(data: Mapping[str, object]) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def _plan_live(config: Config, catalog: Catalog, tree: DirectoryTree, revision: str) -> Plan:
+def _plan_live(config: Config, catalog: Catalog, tree: Mapping[str, bytes], revision: str,
+               probe: bool = True) -> Plan:
     import time
 
     from modelfleet.reconciler.artifacts.origins import OriginResolver, huggingface_resolver
@@ -173,7 +208,7 @@ def _plan_live(config: Config, catalog: Catalog, tree: DirectoryTree, revision: 
     prober = ReadinessProber()
     try:
         inputs = gather_inputs(config, catalog, revision, observation, store, facts, time.time())
-        return plan_with_probes(inputs, prober)
+        return plan_with_probes(inputs, prober) if probe else plan(inputs)
     finally:
         prober.close()
         if store is not None:
@@ -237,22 +272,18 @@ def _print_plan(result: Plan, explain: bool) -> None:
     out.print(actions)
 
 
-def _setup_logging(verbose: bool) -> None:
-    import logging
+def _setup_logging(config: Config, verbose: bool) -> None:
+    """The config's ``logging`` (text or JSON lines, level; reconciler/logs.py); -v means debug."""
+    from modelfleet.reconciler.logs import setup_logging
 
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s",
-                        datefmt="[%X]", handlers=[RichHandler(console=err.console, show_path=False, markup=False)])
-    for noisy in ("apscheduler", "urllib3", "docker", "httpx", "httpcore", "git", "watchfiles"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(config.logging.format, config.logging.level, verbose)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from modelfleet.reconciler.daemon.service import run_daemon
 
     config = _load_config_or_exit(args.config)
-    _setup_logging(args.verbose)
+    _setup_logging(config, args.verbose)
     return run_daemon(config, str(Path(args.config).resolve()), once=args.once)
 
 
@@ -260,7 +291,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from modelfleet.reconciler.gateway.server import GatewayError, run_gateway
 
     config = _load_config_or_exit(args.config)
-    _setup_logging(args.verbose)
+    _setup_logging(config, args.verbose)
     try:
         run_gateway(config)
     except GatewayError as exc:
@@ -379,6 +410,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "schema": cmd_schema,
     "upload": _lazy("modelfleet.reconciler.cli.upload", "cmd_upload"),
     "runtimes": _lazy("modelfleet.reconciler.cli.runtimes", "cmd_runtimes"),
+    "release": _lazy("modelfleet.reconciler.cli.release", "cmd_release"),
+    "confirm": _lazy("modelfleet.reconciler.cli.release", "cmd_confirm"),
+    "events": _lazy("modelfleet.reconciler.cli.events", "cmd_events"),
 }
 
 
@@ -397,6 +431,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="plan against an empty pool (no Docker calls)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--explain", action="store_true", help="show why each excluded host is excluded")
+    p.add_argument("--ref", metavar="REF", help="plan REF (a branch, tag or commit) of the remote repository "
+                                                "(repo.url), as the daemon plans a review branch")
 
     p = sub.add_parser("run", help="run the reconciler daemon (and, by default, a gateway child)")
     p.add_argument("--config", required=True, help="daemon config (modelfleet.yaml)")
@@ -414,8 +450,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--api", help="API base URL (default: from --config, else http://127.0.0.1:8081)")
         p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("events", help="show the daemon's recent passes and their actions; --follow prints new "
+                                      "passes as they finish (from the daemon API)")
+    p.add_argument("--config", help="daemon config, to find the API address and token")
+    p.add_argument("--api", help="API base URL (default: from --config, else http://127.0.0.1:8081)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep polling (every second) and print each "
+                                                                "pass once, as it finishes")
+    p.add_argument("--json", action="store_true", help="one JSON object per pass and line, with its actions")
+
     p = sub.add_parser("schema", help="print the JSON Schema of the manifests (for editors)")
     p.add_argument("--output", "-o", metavar="FILE", help="write it to FILE instead of stdout")
+
+    from modelfleet.reconciler.cli.release import add_release_parsers
+
+    add_release_parsers(sub)
 
     if command in COMMANDS and command not in _HEAVY_PARSERS:
         # Defining upload/runtimes imports httpx, docker and rich.progress (~0.15 s): skipped when

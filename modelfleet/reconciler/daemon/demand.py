@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from modelfleet.state.demand import REPORT_INTERVAL, REPORT_STALE_AFTER, DemandReport, LoadSample
+from modelfleet.state.demand import REPORT_INTERVAL, REPORT_STALE_AFTER, DemandReport, LoadSample, OverflowLoad
 
 KEEP = 120.0  # seconds of reports kept: more than any stable window needs
 
@@ -81,6 +81,7 @@ class DemandBook:
                 items = by_tick[tick]
                 loads = [(item.at, item.report.deployments[key]) for item in items.values()]
                 idle = [load.idle_seconds for _, load in loads if load.idle_seconds is not None]
+                overflows = [load.overflow for _, load in loads if load.overflow is not None]
                 samples.append(LoadSample(
                     at=max(at for at, _ in loads),
                     concurrency=sum(load.concurrency for _, load in loads),
@@ -88,6 +89,9 @@ class DemandBook:
                     queued=sum(load.queued for _, load in loads),
                     in_flight=sum(load.in_flight for _, load in loads),
                     idle_seconds=min(idle) if idle else None,
+                    overflow=OverflowLoad(endpoint_healthy=all(o.endpoint_healthy for o in overflows),
+                                          to_endpoint=sum(o.to_endpoint for o in overflows),
+                                          to_pool=sum(o.to_pool for o in overflows)) if overflows else None,
                 ))
             result[key] = samples
         return result

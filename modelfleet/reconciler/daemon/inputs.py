@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from modelfleet.reconciler.config import Config
 from modelfleet.reconciler.daemon.store import (
+    FACT_CONFIRMED_DELETIONS,
     FACT_FAILED_ROLLOUTS,
     FACT_PROBE_FAILURES,
     FACT_UNREACHABLE_SINCE,
@@ -18,11 +19,13 @@ from modelfleet.reconciler.rollout.readiness import ReadinessProber
 from modelfleet.state.desired import OriginFacts
 from modelfleet.state.loader import Catalog
 from modelfleet.state.planning import DesiredMemo, Plan, PlanInputs, plan
+from modelfleet.state.safety import is_confirmed
 
 
 def gather_inputs(config: Config, catalog: Catalog, revision: str, observation: Observation, store: Store | None,
-                  origin_facts: OriginFacts | None, now: float) -> PlanInputs:
-    """``store`` None: no daemon state (a fresh daemon would plan with an empty inventory)."""
+                  origin_facts: OriginFacts | None, now: float, commit_message: str | None = None) -> PlanInputs:
+    """``store`` None: no daemon state (a fresh daemon would plan with an empty inventory).
+    ``commit_message``: the commit's message (its ``Modelfleet-Confirm: deletions`` trailer)."""
     since: Mapping[str, float] = store.fact(FACT_UNREACHABLE_SINCE, {}) if store is not None else {}
     unreachable = {host: float(since.get(host, now)) for host in observation.down_hosts}
     ports = {key: dict(info.ports) for key, info in observation.containers.items()}
@@ -40,6 +43,9 @@ def gather_inputs(config: Config, catalog: Catalog, revision: str, observation: 
         now=now,
         down_after=config.docker.down_after,
         auto_revert=config.rollout.auto_revert,
+        max_deletion_percent=config.safety.max_deletion_percent,
+        deletion_confirmed=is_confirmed(
+            revision, store.fact(FACT_CONFIRMED_DELETIONS, []) if store is not None else [], commit_message),
     )
 
 

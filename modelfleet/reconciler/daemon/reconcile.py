@@ -16,12 +16,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from modelfleet.reconciler import logs
 from modelfleet.reconciler.artifacts.origins import OriginResolver, huggingface_resolver
 from modelfleet.reconciler.artifacts.shipping import ArtifactShipper, artifact_id
 from modelfleet.reconciler.artifacts.store import ArtifactStore
+from modelfleet.reconciler.clock import SteadyWallClock
 from modelfleet.reconciler.config import Config
 from modelfleet.reconciler.daemon.demand import DemandBook
 from modelfleet.reconciler.daemon.inputs import gather_inputs, plan_with_probes
+from modelfleet.reconciler.daemon.review import ReviewPlanner
 from modelfleet.reconciler.daemon.store import (
     FACT_FAILED_ROLLOUTS,
     FACT_LAST_APPLIED,
@@ -33,16 +36,17 @@ from modelfleet.reconciler.daemon.store import (
 )
 from modelfleet.reconciler.daemon.triggers import TriggerQueue
 from modelfleet.reconciler.errors import ModelfleetError
-from modelfleet.reconciler.gateway.routes import Activation, Backend, RouteStore
+from modelfleet.reconciler.gateway.routes import Activation, Backend, Overflow, RouteStore
 from modelfleet.reconciler.pool.adapter import HostClient
 from modelfleet.reconciler.pool.observe import Observation, observe
 from modelfleet.reconciler.rollout.apply import Applier, ApplyReport
 from modelfleet.reconciler.rollout.readiness import ReadinessMonitor
-from modelfleet.reconciler.secrets import redact_url
+from modelfleet.reconciler.secrets import GatewaySecrets, redact_url
 from modelfleet.reconciler.source.git import GitSource
 from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
+from modelfleet.reconciler.status.outbox import StatusOutbox
 from modelfleet.state.autoscaler import ScalerMemory, decide
-from modelfleet.state.demand import DemandReport, LoadSample
+from modelfleet.state.demand import DemandReport, LoadSample, overflow_message
 from modelfleet.state.loader import Catalog, load_tree
 from modelfleet.state.outcome import deployment_statuses, failed_rollouts_after, pending_statuses
 from modelfleet.state.plan import ActionOutcome
@@ -68,6 +72,10 @@ class Metrics:
                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.actions = Counter("modelfleet_actions_total", "Actions applied", ["op", "result"],
                                registry=self.registry)
+        self.rollout_seconds = Histogram("modelfleet_rollout_duration_seconds", "Time from the start of a "
+                                         "create, replace or start action to its replica being ready", ["op"],
+                                         registry=self.registry,
+                                         buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200))
         self.deployments = Gauge("modelfleet_deployments", "Deployments by commit state", ["state"],
                                  registry=self.registry)
         self.hosts_up = Gauge("modelfleet_hosts_up", "Whether a pool host answers (1) or not (0)", ["host"],
@@ -102,6 +110,7 @@ class DaemonStatus:
     source_recovery: str | None = None  # the local Git mirror was damaged and fetched afresh (this process)
     transfers: dict[str, dict[str, Any]] = field(default_factory=dict)  # "host artifact" -> progress
     demand: DemandBook | None = None  # the gateways' load (serverless), shown live
+    status_outbox: StatusOutbox | None = None  # forge statuses waiting to be written (status/outbox.py)
 
     @property
     def last_attempted_revision(self) -> str | None:
@@ -119,6 +128,10 @@ class DaemonStatus:
             data["load"] = {"concurrency": round(latest.concurrency, 3), "rps": round(latest.rps, 3),
                             "inFlight": latest.in_flight, "queued": latest.queued,
                             "idleSeconds": latest.idle_seconds}
+            if latest.overflow is not None:
+                data["overflow"] = {"endpointHealthy": latest.overflow.endpoint_healthy,
+                                    "toEndpoint": latest.overflow.to_endpoint, "toPool": latest.overflow.to_pool}
+                data["message"] = f"{data.get('message') or ''}; {overflow_message(latest.overflow)}".lstrip("; ")
         return data
 
     def to_json(self) -> dict[str, Any]:
@@ -138,14 +151,17 @@ class DaemonStatus:
             "hosts": [dict(name=k, **v) for k, v in sorted(self.hosts.items())],
             # The 20 most recent (list() copies atomically: shipping threads write meanwhile).
             "transfers": sorted(list(self.transfers.values()), key=lambda t: t["at"], reverse=True)[:20],
+            "statusWriter": self.status_outbox.to_json() if self.status_outbox is not None else None,
         }
 
 
 class Daemon:
     def __init__(self, config: Config, status_writer: StatusWriter | None = None,
-                 drain_seconds: float = 0.5, clock: Callable[[], float] = time.time) -> None:
+                 drain_seconds: float = 0.5, clock: Callable[[], float] | None = None) -> None:
         self.config = config
-        self.clock = clock  # wall clock: host reachability is remembered across restarts
+        # Wall-clock time (host reachability is remembered across restarts) that system clock steps
+        # do not move (reconciler/clock.py).
+        self.clock = clock or SteadyWallClock()
         self.state_dir = Path(config.state_dir)
         self.store = Store(self.state_dir)
         self.routes = RouteStore(self.state_dir)
@@ -178,11 +194,17 @@ class Daemon:
         # Between passes: the replicas the last plan checked, probed again every readinessProbe.period.
         self.readiness = ReadinessMonitor(self.store, lambda: self._plan.monitored if self._plan else [],
                                           self._on_readiness, lambda: self.applier.prober)
+        # Per-deployment secrets the gateway adds and our runtimes require (stateDir/gateway-secret.key).
+        self.gateway_secrets = GatewaySecrets(self.state_dir)
         self.applier = Applier(self.clients, self.hosts, self.store, config.rollout, self.publish_routes,
                                drain_seconds=drain_seconds, stop_event=self.stop_event,
-                               prepare_volumes=self.shipper.prepare_volumes, origin_env=self.shipper.container_env)
+                               prepare_volumes=self.shipper.prepare_volumes, origin_env=self.shipper.container_env,
+                               gateway_secret=self.gateway_secrets.for_deployment)
+        # Review branches (review.branches): planned after a pass on a thread of their own, never applied.
+        self.reviews = ReviewPlanner(self)
 
     def close(self) -> None:
+        self.reviews.close()
         self.applier.close()
         for client in self.clients.values():
             client.close()
@@ -206,10 +228,11 @@ class Daemon:
                 if key in table:
                     table[key].append(Backend(row.url, row.name, row.host))
             return self.routes.publish({k: tuple(sorted(v, key=lambda b: b.container)) for k, v in table.items()},
-                                       activation=_activations(current))
+                                       activation=_activations(current), overflow=_overflows(current))
 
     # --- the pass -------------------------------------------------------------------------------
 
+    @logs.scoped
     def reconcile(self, trigger: str = "manual") -> DaemonStatus:
         """Outer reconcile: whatever happens inside, status and history are published."""
         started = time.monotonic()
@@ -217,6 +240,7 @@ class Daemon:
         result, summary = "failed", {}
         try:
             pass_id = self.store.begin_pass(trigger)
+            logs.bind(pass_id=pass_id)  # on every line this pass logs (reconciler/logs.py)
             summary = self._reconcile_inner(pass_id, trigger)
             troubles = ("failed_actions", "down_hosts", "held_actions")
             healthy = not any(summary.get(k) for k in troubles)
@@ -244,6 +268,7 @@ class Daemon:
                                      "finishedAt": time.time(), **summary, "store": self.store.health()}
             self.metrics.passes.labels(result).inc()
             self.metrics.pass_seconds.observe(seconds)
+        self.reviews.after_pass(trigger)
         return self.status
 
     def _reconcile_inner(self, pass_id: int, trigger: str = "manual") -> dict[str, Any]:
@@ -253,6 +278,7 @@ class Daemon:
         revision = known if trigger in SCALING_TRIGGERS and known is not None else self._sync_source()
         new_revision = revision != self.store.fact(FACT_LAST_ATTEMPTED)
         self.status.revision = revision
+        logs.bind(revision=revision)
         self.store.set_fact(FACT_LAST_ATTEMPTED, revision)
         # 2. Observe the pool (one label-filtered list per host, in parallel).
         observation = observe(list(self.clients.values()))
@@ -262,11 +288,13 @@ class Daemon:
         # 4. Plan (pure): every decision of the pass, from the facts; probes the replicas that run.
         #    (The readiness monitor waits meanwhile: one writer of readiness facts at a time.)
         with self.readiness.lock:
-            inputs = gather_inputs(self.config, catalog, revision, observation, self.store, facts, self.clock())
+            inputs = gather_inputs(self.config, catalog, revision, observation, self.store, facts, self.clock(),
+                                   commit_message=self.source.commit_message(revision))
             inputs = replace(inputs, load=self.demand.samples(), scaler_memory=dict(self._scaler_memory),
                              watching_since=self.demand.watching_since, monotonic=self.demand.clock())
             plan = self.plan_pass(inputs)
             self._plan = plan
+            self.reviews.pass_planned(inputs, plan)
             self._remember_scaling(plan, observation)
             # 5. Write what the plan learnt (inventory, host reachability, versions no longer desired).
             self.store.write_changes(plan.inventory)
@@ -297,13 +325,14 @@ class Daemon:
         self.status.deployments = statuses
         global_errors = [str(e) for e in plan.catalog.errors]
         self.status.errors = global_errors
-        self._publish_statuses(revision, commit_statuses(list(statuses.values()), global_errors))
-        if all(s.state == "success" for s in statuses.values()) and not global_errors:
+        self._publish_statuses(revision, commit_statuses(list(statuses.values()), global_errors, plan.deletion_hold))
+        if all(s.state == "success" for s in statuses.values()) and not global_errors and not plan.deletion_hold:
             self.store.set_fact(FACT_LAST_APPLIED, revision)
         return {
             "revision": revision,
             "actions": len(plan.actions),
             "held_actions": len(plan.held),
+            "deletion_hold": plan.deletion_hold,
             "failed_actions": [f"{o.action.op} {o.action.model}/{o.action.environment}: {o.error}"
                                for o in report.failed],
             "down_hosts": sorted(observation.down_hosts),
@@ -445,11 +474,14 @@ class Daemon:
                 "location": host.location.model_dump(), "flavors": [f.name for f in host.flavors],
                 "capacity": {"cpus": host.capacity.cpus, "memory": host.capacity.memory},
                 "replicas": sum(1 for r in observation.replicas if r.host == name),
+                "observe_seconds": observation.host_seconds.get(name),
             }
         self.metrics.observe_seconds.set(observation.seconds)
 
     def _count_outcome(self, outcome: ActionOutcome) -> None:
         self.metrics.actions.labels(outcome.action.op, "ok" if outcome.ok else "failed").inc()
+        if outcome.ok and outcome.action.op in ("create", "replace", "start"):
+            self.metrics.rollout_seconds.labels(outcome.action.op).observe(outcome.seconds)
 
     def _count_states(self, statuses: dict[Key, DeploymentStatus]) -> None:
         for status in statuses.values():
@@ -464,6 +496,10 @@ class Daemon:
     def _publish_statuses(self, revision: str, statuses: list[CommitStatus]) -> None:
         """Write statuses that changed since last written for this commit (forges are rate-limited)."""
         if self.status_writer is None or not statuses:
+            return
+        if isinstance(self.status_writer, StatusOutbox):
+            # Queued (the outbox skips what it wrote already): never waits for the forge.
+            self.status_writer.publish(revision, statuses)
             return
         seen = self._published.setdefault(revision, {})
         changed = [s for s in statuses if seen.get(s.context) != (s.state, s.description)]
@@ -489,4 +525,20 @@ def _activations(plan: Plan) -> dict[str, Activation]:
         if spec is not None and spec.serverless is not None and spec.enabled:
             result[route_key(*entry.key)] = Activation(queue=spec.serverless.queue,
                                                        timeout=spec.serverless.activation_timeout)
+    return result
+
+
+def _overflows(plan: Plan) -> dict[str, Overflow]:
+    """Where gateways send the requests of deployments with an on-prem endpoint first (never the token)."""
+    result = {}
+    for entry in plan.catalog.deployments():
+        spec = entry.spec
+        if spec is not None and spec.overflow is not None and spec.serverless is not None and spec.enabled:
+            o = spec.overflow
+            result[route_key(*entry.key)] = Overflow(
+                endpoint=o.endpoint, token_file=o.token_file, health_path=o.health_check.path,
+                health_period=o.health_check.period, health_timeout=o.health_check.timeout,
+                failure_threshold=o.health_check.failure_threshold, max_concurrency=o.max_concurrency,
+                percentage=o.percentage, consecutive_failures=o.outlier_detection.consecutive_failures,
+                ejection_time=o.outlier_detection.ejection_time)
     return result

@@ -33,6 +33,7 @@ from modelfleet.reconciler.daemon.triggers import watch_refs
 from modelfleet.reconciler.secrets import read_secret
 from modelfleet.reconciler.statedir import StoreError
 from modelfleet.reconciler.status import StatusWriter
+from modelfleet.reconciler.status.outbox import StatusOutbox, queued
 from modelfleet.state.demand import REPORT_INTERVAL
 
 log = logging.getLogger("modelfleet.service")
@@ -41,6 +42,12 @@ MAX_BACKOFF = 60.0
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _close_status_writer(daemon: Daemon) -> None:
+    """Write the statuses still queued (for a few seconds at most), then stop the outbox."""
+    if isinstance(daemon.status_writer, StatusOutbox):
+        daemon.status_writer.close(timeout=5.0)
 
 
 def make_status_writer(config: Config, daemon: Daemon) -> StatusWriter | None:
@@ -178,7 +185,10 @@ def run_daemon(config: Config, config_path: str, *, once: bool = False) -> int:
     except StoreError as exc:  # e.g. a full stateDir: a clear message, not a traceback
         log.error("cannot start: %s", exc)
         return 3
-    daemon.status_writer = make_status_writer(config, daemon)
+    # Forge statuses go through the outbox: written in the background, retried with backoff.
+    daemon.status_writer = queued(make_status_writer(config, daemon), registry=daemon.metrics.registry)
+    if isinstance(daemon.status_writer, StatusOutbox):
+        daemon.status.status_outbox = daemon.status_writer
     stop = daemon.stop_event
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -192,6 +202,7 @@ def run_daemon(config: Config, config_path: str, *, once: bool = False) -> int:
 
     if once:
         daemon.reconcile("once")
+        _close_status_writer(daemon)
         daemon.close()
         return 0 if daemon.status.last_pass.get("result") == "ok" else 3
 
@@ -266,6 +277,7 @@ def run_daemon(config: Config, config_path: str, *, once: bool = False) -> int:
         if supervisor is not None:
             supervisor.terminate()
         api_thread.join(timeout=5)
+        _close_status_writer(daemon)
         daemon.close()
         log.info("stopped")
     return 0

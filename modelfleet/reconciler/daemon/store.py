@@ -85,6 +85,7 @@ FACT_LAST_ATTEMPTED = "last_attempted_revision"
 FACT_LAST_APPLIED = "last_applied_revision"
 # {since, revision, reason} while fetches fail (state/source.py)
 FACT_SOURCE_UNREACHABLE_SINCE = "source_unreachable_since"
+FACT_CONFIRMED_DELETIONS = "confirmed_deletions"  # commits whose deletions `modelfleet confirm` confirmed
 FACT_PROBE_FAILURES = "probe_failures"  # "host/container id" -> failed readiness probes in a row (state/readiness.py)
 
 

@@ -26,11 +26,12 @@ from modelfleet.reconciler.gateway.follower import RouteFeed, RouteFollower
 from modelfleet.reconciler.gateway.load import LoadMeter
 from modelfleet.reconciler.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
+from modelfleet.reconciler.gateway.overflow import OverflowRouter
 from modelfleet.reconciler.gateway.pool import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, UpstreamPool
 from modelfleet.reconciler.gateway.proxy import HOLD_BODY_LIMIT, RETRY_BUFFER_LIMIT, Proxy
 from modelfleet.reconciler.gateway.responses import send_error, send_json
 from modelfleet.reconciler.gateway.routes import RouteTable
-from modelfleet.reconciler.secrets import bearer_token_matches, redact_url
+from modelfleet.reconciler.secrets import GatewaySecrets, bearer_token_matches, redact_url
 from modelfleet.state.demand import REPORT_INTERVAL
 
 log = logging.getLogger("modelfleet.gateway")
@@ -63,6 +64,9 @@ class Gateway:
         self.balancer = Balancer()
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         self.load = LoadMeter()
+        self.overflow = OverflowRouter(self.metrics.registry)  # deployments with an on-prem endpoint
+        # The deployments' secrets, from the daemon's key in the same stateDir (read, never made here).
+        self.gateway_secrets = GatewaySecrets(state_dir, create=False)
         self.routes = RouteFeed(RouteFollower(state_dir), self.metrics, on_install=self._installed)
         self.activator = Activator(self.routes, self.metrics)
         self.reporter: DemandReporter | None = None
@@ -70,7 +74,7 @@ class Gateway:
             self.reporter = DemandReporter(control_plane, load=self.load, routes=self.routes,
                                            activator=self.activator, metrics=self.metrics,
                                            token=control_plane_token, gateway_id=gateway_id, location=location,
-                                           interval=report_interval)
+                                           interval=report_interval, overflow=self.overflow)
             self.activator.on_activate = self.reporter.kick
         self.hold_body_limit = hold_body_limit
         self.poll_interval = poll_interval
@@ -102,8 +106,10 @@ class Gateway:
                                      parser=self._parser)
         self.proxy = Proxy(self.routes, self.balancer, self.upstream, self.metrics,
                            retry_buffer_limit=self.retry_buffer_limit, strip_authorization=self._token is not None,
-                           activator=self.activator, load=self.load, hold_body_limit=self.hold_body_limit)
+                           activator=self.activator, load=self.load, hold_body_limit=self.hold_body_limit,
+                           overflow=self.overflow, gateway_secret=self.gateway_secrets.for_deployment)
         self.routes.start()
+        self.overflow.sync(self.routes.table.overflow)  # on the loop now: the health checks start
         self._poller = asyncio.ensure_future(self._poll_forever())
         if self.reporter is not None:
             self.reporter.start()
@@ -121,6 +127,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        await self.overflow.aclose()
         if self.upstream is not None:
             await self.upstream.aclose()
         self.routes.close()
@@ -138,6 +145,7 @@ class Gateway:
     def _installed(self, table: RouteTable) -> None:
         self.balancer.forget(set(table.routes))
         self.load.sync(table.activation)
+        self.overflow.sync(table.overflow)
         self.activator.installed(table)
 
     # -- ASGI ------------------------------------------------------------------------------------
@@ -223,6 +231,8 @@ class Gateway:
             # the serverless deployments: how requests are held while they have no ready replica
             "activation": {key: {"queue": a.queue, "timeout": a.timeout, "held": self.activator.held(key)}
                            for key, a in sorted(table.activation.items())},
+            # deployments with an on-prem endpoint: where their traffic goes now, and why
+            "overflow": self.overflow.describe(asyncio.get_running_loop().time()),
             "demand": None if self.reporter is None else {
                 "url": redact_url(self.reporter.url), "gateway": self.reporter.gateway_id,
                 "sent": self.reporter.sent, "failing": self.reporter.failures},

@@ -25,6 +25,7 @@ from modelfleet.reconciler.gateway.activator import Activator
 from modelfleet.reconciler.gateway.follower import RouteFeed
 from modelfleet.reconciler.gateway.load import LoadMeter
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
+from modelfleet.reconciler.gateway.overflow import OverflowRouter
 from modelfleet.reconciler.secrets import redact_url
 from modelfleet.state.demand import REPORT_INTERVAL, DemandReport
 
@@ -51,8 +52,9 @@ class DemandReporter:
     def __init__(self, control_plane: str, *, load: LoadMeter, routes: RouteFeed, activator: Activator,
                  metrics: GatewayMetrics, token: str | None = None, gateway_id: str | None = None,
                  location: str | None = None, interval: float = REPORT_INTERVAL,
-                 timeout: float = REPORT_TIMEOUT) -> None:
+                 timeout: float = REPORT_TIMEOUT, overflow: OverflowRouter | None = None) -> None:
         self.url = demand_url(control_plane)
+        self.overflow = overflow  # deployments with an on-prem endpoint: where their requests went
         self.load = load
         self.routes = routes
         self.activator = activator
@@ -99,6 +101,9 @@ class DemandReporter:
         """The report of now; ``reset``: it ends the current interval (the tick), else a peek (the kick)."""
         table = self.routes.table
         interval, deployments = self.load.report(table, self.activator.counts(), reset=reset)
+        if self.overflow is not None and self.overflow.states:
+            deployments = self.overflow.add_to(deployments, asyncio.get_running_loop().time(), self.load,
+                                               reset=reset)
         return DemandReport(gateway=self.gateway_id, location=self.location, interval=interval,
                             table_version=table.version, deployments=deployments)
 

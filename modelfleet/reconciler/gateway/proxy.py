@@ -16,6 +16,13 @@ ready replica is held until one is published (``activator``): its body is read i
 (up to ``hold_body_limit``, 16 MiB; 413 beyond), so that it can be sent once a replica is there.
 Serverless deployments are also metered (``load``) for the demand reports; for every other
 deployment the proxy does one dictionary lookup more than it would without them.
+
+A deployment with overflow settings (an on-prem endpoint, ``overflow``) sends its requests to that
+endpoint first, with their bodies read into memory (up to ``hold_body_limit``) so that one refused
+by the endpoint before any response byte is sent to the pool instead; the pool's requests (beyond
+``maxConcurrency``, the steady ``percentage``, while the endpoint is unhealthy, failovers) take the
+ordinary path (held at zero, metered). For a route table without any overflow settings the proxy
+tests one empty dictionary more.
 """
 
 from __future__ import annotations
@@ -36,9 +43,11 @@ from modelfleet.reconciler.gateway.connections import UpstreamError, UpstreamRes
 from modelfleet.reconciler.gateway.follower import RouteFeed
 from modelfleet.reconciler.gateway.load import KeyLoad, LoadMeter
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
+from modelfleet.reconciler.gateway.overflow import FAILOVER, EndpointState, OverflowRouter
 from modelfleet.reconciler.gateway.pool import UpstreamPool
 from modelfleet.reconciler.gateway.responses import send_error
-from modelfleet.reconciler.gateway.routes import Activation, Backend, route_key
+from modelfleet.reconciler.gateway.routes import Activation, Backend, Overflow, route_key
+from modelfleet.runtimes.contract import GATEWAY_SECRET_HEADER
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -60,8 +69,10 @@ _HOP_BY_HOP = frozenset({
 })
 # Replaced by the gateway's own values (it is the edge), set by the upstream client (framing) or
 # handled by the gateway itself (Expect).
+# The deployment secret header is the gateway's to add, never a client's to pass on.
+_SECRET_HEADER = GATEWAY_SECRET_HEADER.encode()
 _REQUEST_DROP = _HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-host",
-                               b"content-length"}
+                               b"content-length", _SECRET_HEADER}
 _RESPONSE_DROP = _HOP_BY_HOP
 
 
@@ -79,7 +90,8 @@ class Proxy:
     def __init__(self, routes: RouteFeed, balancer: Balancer, upstream: UpstreamPool, metrics: GatewayMetrics,
                  *, retry_buffer_limit: int = RETRY_BUFFER_LIMIT, strip_authorization: bool = False,
                  activator: Activator | None = None, load: LoadMeter | None = None,
-                 hold_body_limit: int = HOLD_BODY_LIMIT) -> None:
+                 hold_body_limit: int = HOLD_BODY_LIMIT, overflow: OverflowRouter | None = None,
+                 gateway_secret: Callable[[str, str], str | None] | None = None) -> None:
         self.routes = routes
         self.balancer = balancer
         self.upstream = upstream
@@ -90,6 +102,8 @@ class Proxy:
         self.load = load if load is not None else LoadMeter()
         self._meters = self.load.keys  # route key -> KeyLoad, serverless deployments only
         self.hold_body_limit = max(hold_body_limit, retry_buffer_limit)
+        self.overflow = overflow if overflow is not None else OverflowRouter()
+        self.gateway_secret = gateway_secret  # (model, environment) -> the secret our runtimes require
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -101,6 +115,12 @@ class Proxy:
         table = self.routes.table
         backends = table.routes.get(key)
         activation = None
+        if table.overflow and backends is not None:
+            overflow = table.overflow.get(key)
+            if overflow is not None:
+                await self._handle_overflow(scope, receive, send, model, environment, key, overflow,
+                                            b"/" + sub_path + (b"?" + query if query else b""), started)
+                return
         if not backends:
             if backends is None:
                 await _deployment_not_found(send, model, environment)
@@ -134,22 +154,133 @@ class Proxy:
                 meter.leave(ended)
             self.metrics.observe(model, environment, status, ended - started)
 
+    async def _handle_overflow(self, scope: Scope, receive: Receive, send: Send, model: str, environment: str,
+                               key: str, settings: Overflow, target: bytes, started: float) -> None:
+        """A deployment with an on-prem endpoint: there first, else (or on failure) to the pool."""
+        state = self.overflow.state(key, settings)
+        loop_now = asyncio.get_running_loop().time()
+        reason = state.choose(loop_now)
+        exchange = _Exchange()
+        status = 499
+        meter: KeyLoad | None = None
+        try:
+            body: _RequestBody | None = None
+            if reason is None:
+                headers, content_length = forward_headers(scope, self.strip_authorization)
+                body = _RequestBody(receive, exchange)
+                if not await body.read_all(content_length, self.hold_body_limit):
+                    status = 413
+                    await send_error(send, 413, "RequestTooLarge",
+                                     f'deployment "{model}" in environment "{environment}" sends requests to its '
+                                     f"overflow endpoint with their bodies buffered, of at most "
+                                     f"{self.hold_body_limit} bytes; send a smaller body")
+                    return
+                answered = await self._to_endpoint(send, exchange, state, scope["method"].encode(), target,
+                                                   headers, body, content_length, model, environment, key)
+                if answered is not None:
+                    status = answered
+                    return
+                reason = FAILOVER
+            state.sent_to_pool(reason)
+            table = self.routes.table
+            backends = table.routes.get(key)
+            if backends is None:
+                status = 404
+                await _deployment_not_found(send, model, environment)
+                return
+            activation = None
+            if not backends:
+                activation = table.activation.get(key)
+                if activation is None:
+                    status = 503
+                    await _no_ready_backend(send, model, environment)
+                    return
+            meter = self._meters.get(key)
+            if meter is not None:
+                meter.arrive(time.perf_counter())
+            status = await self._exchange(scope, receive, send, exchange, model, environment, key, backends, target,
+                                          activation, meter, started, body)
+        except _ClientGone:
+            status = 499
+        except asyncio.CancelledError:
+            task = exchange.task
+            if not exchange.client_gone or task is None or task.uncancel() > 0:
+                raise
+            status = 499
+        finally:
+            exchange.close()
+            ended = time.perf_counter()
+            if meter is not None:
+                meter.leave(ended)
+            self.metrics.observe(model, environment, status, ended - started)
+
+    async def _to_endpoint(self, send: Send, exchange: _Exchange, state: EndpointState, method: bytes,
+                           target: bytes, headers: list[tuple[bytes, bytes]], body: _RequestBody,
+                           content_length: int | None, model: str, environment: str, key: str) -> int | None:
+        """Forward to the overflow endpoint: the status sent, or None when the pool should take it
+        (the endpoint failed before any response byte)."""
+        state.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                state.in_flight -= 1
+
+        try:
+            try:
+                response = await self.upstream.request(state.url, method, state.prefix + target, state.headers(headers),
+                                                       body.content(), content_length)
+            except UpstreamError as exc:
+                state.failed(asyncio.get_running_loop().time(), str(exc))
+                self.metrics.backend_error(model, environment, exc.kind)
+                if exc.retryable and body.replayable:
+                    log.info("overflow endpoint %s of %s failed before responding (%s); sending to the pool",
+                             state.url, key, exc)
+                    return None
+                log.warning("overflow endpoint %s of %s failed: %s", state.url, key, exc)
+                if exc.kind == "timeout":
+                    await send_error(send, 504, "GatewayTimeout", f"overflow endpoint of {key} did not answer in time")
+                    return 504
+                await send_error(send, 502, "BadGateway", f"overflow endpoint of {key} failed: {exc}")
+                return 502
+            state.answered(response.status, asyncio.get_running_loop().time())
+            try:
+                await _relay(send, response, exchange, release)
+            except UpstreamError as exc:
+                self.metrics.backend_error(model, environment, "stream")
+                log.warning("overflow endpoint %s of %s failed mid-response: %s", state.url, key, exc)
+            finally:
+                response.close()
+            return response.status
+        finally:
+            release()
+
     async def _exchange(self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange, model: str,
                         environment: str, key: str, backends: tuple[Backend, ...], target: bytes,
-                        activation: Activation | None, meter: KeyLoad | None, started: float) -> int:
+                        activation: Activation | None, meter: KeyLoad | None, started: float,
+                        body: _RequestBody | None = None) -> int:
         """Forward the request; returns the status code sent to the client.
 
         ``activation``: set when the deployment has no backend yet: the request is held first.
+        ``body``: the request body, already read whole (a failover from an overflow endpoint).
         """
         upstream = self.upstream
         headers, content_length = forward_headers(scope, self.strip_authorization)
-        body = _RequestBody(receive, exchange)
+        secret = self.gateway_secret(model, environment) if self.gateway_secret is not None else None
+        if secret is not None:
+            headers.append((_SECRET_HEADER, secret.encode()))
+        read = body is not None
+        if body is None:
+            body = _RequestBody(receive, exchange)
         if activation is not None:
-            held = await self._hold(send, body, content_length, model, environment, key, activation, started)
+            held = await self._hold(send, body, content_length, model, environment, key, activation, started,
+                                    read_body=not read)
             if isinstance(held, int):
                 return held
             backends = held
-        else:
+        elif not read:
             await body.prefetch(content_length, self.retry_buffer_limit)
         method: bytes = scope["method"].encode()
         balancer = self.balancer

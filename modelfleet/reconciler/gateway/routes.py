@@ -10,6 +10,11 @@ Besides the backends, a table carries the activation settings of each serverless
 replica, instead of answering 503, until the daemon publishes one. They are stored in the
 ``activation`` column (added to an older ``routes.db`` when missing; a table without it has no
 activation settings).
+
+Deployments with an on-prem endpoint also carry their overflow settings (:class:`Overflow`, the
+``overflow`` column, added the same way): where the endpoint is, how to check its health, when
+requests go to the replicas instead. The path of the endpoint's token file is published, never the
+token: each gateway reads it from its own machine.
 """
 
 from __future__ import annotations
@@ -58,6 +63,68 @@ class Activation:
 
 
 @dataclass(frozen=True)
+class Overflow:
+    """Where a gateway sends a deployment's requests first: an endpoint outside the pool (on-prem).
+
+    The manifest's ``overflow`` (state/manifests.py ``Overflow``), flattened: requests go to
+    ``endpoint`` unless ``max_concurrency`` are in flight there already, one in every
+    ``100 / percentage`` (a steady share), or the endpoint is unhealthy (active checks of
+    ``health_path``, or ejected for ``ejection_time`` after ``consecutive_failures`` failed requests):
+    those go to the deployment's replicas.
+    """
+
+    endpoint: str
+    token_file: str | None = None
+    health_path: str = "/"
+    health_period: float = 5.0
+    health_timeout: float = 2.0
+    failure_threshold: int = 2
+    max_concurrency: int | None = None
+    percentage: float = 0.0
+    consecutive_failures: int = 5
+    ejection_time: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"overflow endpoint must be an http(s) URL, got {self.endpoint!r}")
+        if not 0 <= self.percentage <= 100:
+            raise ValueError(f"overflow percentage must be within 0..100, got {self.percentage!r}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"overflow maxConcurrency must be at least 1, got {self.max_concurrency!r}")
+        if self.health_period <= 0 or self.health_timeout <= 0 or self.ejection_time <= 0:
+            raise ValueError("overflow health period, timeout and ejection time must be more than 0")
+        if self.failure_threshold < 1 or self.consecutive_failures < 1:
+            raise ValueError("overflow failure thresholds must be at least 1")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"endpoint": self.endpoint, "tokenFile": self.token_file, "healthPath": self.health_path,
+                "healthPeriod": self.health_period, "healthTimeout": self.health_timeout,
+                "failureThreshold": self.failure_threshold, "maxConcurrency": self.max_concurrency,
+                "percentage": self.percentage, "consecutiveFailures": self.consecutive_failures,
+                "ejectionTime": self.ejection_time}
+
+    @staticmethod
+    def from_dict(data: dict[str, object]) -> Overflow:
+        def number(name: str, default: float) -> float:
+            value = data.get(name, default)
+            return float(value) if isinstance(value, int | float) else default
+
+        def count(name: str, default: int) -> int:
+            value = data.get(name, default)
+            return int(value) if isinstance(value, int | float) else default
+
+        token_file = data.get("tokenFile")
+        max_concurrency = data.get("maxConcurrency")
+        return Overflow(
+            endpoint=str(data["endpoint"]), token_file=str(token_file) if token_file else None,
+            health_path=str(data.get("healthPath") or "/"), health_period=number("healthPeriod", 5.0),
+            health_timeout=number("healthTimeout", 2.0), failure_threshold=count("failureThreshold", 2),
+            max_concurrency=int(max_concurrency) if isinstance(max_concurrency, int | float) else None,
+            percentage=number("percentage", 0.0), consecutive_failures=count("consecutiveFailures", 5),
+            ejection_time=number("ejectionTime", 30.0))
+
+
+@dataclass(frozen=True)
 class RouteTable:
     version: int
     # route_key(model, environment) -> ready backends (may be empty: deployment known but nothing ready)
@@ -65,6 +132,8 @@ class RouteTable:
     published_at: float = 0.0
     # route_key -> activation settings, for the serverless deployments among `routes`
     activation: dict[str, Activation] = field(default_factory=dict)
+    # route_key -> overflow settings, for the deployments among `routes` with an on-prem endpoint
+    overflow: dict[str, Overflow] = field(default_factory=dict)
 
     def backends(self, model: str, environment: str) -> tuple[Backend, ...] | None:
         """None: no such deployment. Empty: the deployment exists but no replica is ready."""
@@ -81,15 +150,24 @@ class RouteTable:
         return json.dumps({k: {"queue": a.queue, "timeout": a.timeout} for k, a in sorted(self.activation.items())},
                           sort_keys=True)
 
+    def overflow_json(self) -> str | None:
+        """The ``overflow`` column: None when no deployment has overflow settings."""
+        if not self.overflow:
+            return None
+        return json.dumps({k: o.to_dict() for k, o in sorted(self.overflow.items())}, sort_keys=True)
+
     @staticmethod
     def from_json(version: int, text: str, published_at: float = 0.0,
-                  activation: str | None = None) -> RouteTable:
-        """``text``: the routes (:meth:`to_json`); ``activation``: :meth:`activation_json`, if any."""
+                  activation: str | None = None, overflow: str | None = None) -> RouteTable:
+        """``text``: the routes (:meth:`to_json`); ``activation``: :meth:`activation_json`, ``overflow``:
+        :meth:`overflow_json`, if any."""
         data = json.loads(text)
         settings = json.loads(activation) if activation else {}
+        overflows = json.loads(overflow) if overflow else {}
         return RouteTable(version, {k: tuple(Backend(**b) for b in v) for k, v in data.items()},
                           published_at, {k: Activation(int(a["queue"]), float(a["timeout"]))
-                                         for k, a in settings.items()})
+                                         for k, a in settings.items()},
+                          {k: Overflow.from_dict(o) for k, o in overflows.items()})
 
 
 class RouteStore:
@@ -105,57 +183,71 @@ class RouteStore:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS route_tables ("
             " version INTEGER PRIMARY KEY AUTOINCREMENT, published_at REAL NOT NULL, routes TEXT NOT NULL,"
-            " activation TEXT)"
+            " activation TEXT, overflow TEXT)"
         )
-        self._has_activation = self._ensure_activation_column()
-        # (version, routes json, activation json) this process last published
-        self._last: tuple[int, str, str | None] | None = None
+        self._has_activation = self._ensure_column("activation")
+        self._has_overflow = self._ensure_column("overflow")
+        # (version, routes json, activation json, overflow json) this process last published
+        self._last: tuple[int, str, str | None, str | None] | None = None
 
-    def _ensure_activation_column(self) -> bool:
-        """Add the ``activation`` column to a routes.db written before it existed; False if it cannot be.
+    def _ensure_column(self, name: str) -> bool:
+        """Add the column ``name`` (activation, overflow) to a routes.db written before it existed;
+        False if it cannot be.
 
-        A reader that cannot add it (read-only file, locked) reads the tables without activation settings.
+        A reader that cannot add it (read-only file, locked) reads the tables without those settings.
         """
-        if self._columns() >= {"activation"}:
+        if name in self._columns():
             return True
         # Fails when another process added it first, or the file is read-only.
         with contextlib.suppress(sqlite3.OperationalError):
-            self._db.execute("ALTER TABLE route_tables ADD COLUMN activation TEXT")
-        return "activation" in self._columns()
+            self._db.execute(f"ALTER TABLE route_tables ADD COLUMN {name} TEXT")
+        return name in self._columns()
 
     def _columns(self) -> set[str]:
         return {str(row[1]) for row in self._db.execute("PRAGMA table_info(route_tables)")}
 
-    def publish(self, routes: dict[str, tuple[Backend, ...]], activation: dict[str, Activation] | None = None) -> int:
+    def publish(self, routes: dict[str, tuple[Backend, ...]], activation: dict[str, Activation] | None = None,
+                overflow: dict[str, Overflow] | None = None) -> int:
         """Store a new table if it differs from the latest; returns the current version.
 
-        ``activation``: route key -> activation settings of the serverless deployments (keys that are
-        not in ``routes`` are ignored), stored in the same transaction as the routes.
+        ``activation``: route key -> activation settings of the serverless deployments; ``overflow``:
+        route key -> overflow settings (keys that are not in ``routes`` are ignored), stored in the same
+        transaction as the routes.
         """
         activation = {k: a for k, a in (activation or {}).items() if k in routes}
-        table = RouteTable(0, routes, activation=activation)
+        overflow = {k: o for k, o in (overflow or {}).items() if k in routes}
+        table = RouteTable(0, routes, activation=activation, overflow=overflow)
         text = table.to_json()
         settings = table.activation_json()
+        overflows = table.overflow_json()
         if settings is not None and not self._has_activation:
-            self._has_activation = self._ensure_activation_column()
+            self._has_activation = self._ensure_column("activation")
             if not self._has_activation:
                 raise sqlite3.OperationalError(f"{self.path}: cannot add the activation column to route_tables")
-        if (self._last is not None and self._last[1:] == (text, settings)
+        if overflows is not None and not self._has_overflow:
+            self._has_overflow = self._ensure_column("overflow")
+            if not self._has_overflow:
+                raise sqlite3.OperationalError(f"{self.path}: cannot add the overflow column to route_tables")
+        if (self._last is not None and self._last[1:] == (text, settings, overflows)
                 and self._last[0] == self.latest_version()):
             return self._last[0]  # unchanged, and nobody else published since: nothing to write
         latest = self.latest()
-        if latest is not None and latest.to_json() == text and latest.activation_json() == settings:
-            self._last = (latest.version, text, settings)
+        if (latest is not None and latest.to_json() == text and latest.activation_json() == settings
+                and latest.overflow_json() == overflows):
+            self._last = (latest.version, text, settings, overflows)
             return latest.version
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            columns, values = ["published_at", "routes"], [time.time(), text]
             if self._has_activation:
-                cursor = self._db.execute(
-                    "INSERT INTO route_tables (published_at, routes, activation) VALUES (?, ?, ?)",
-                    (time.time(), text, settings))
-            else:
-                cursor = self._db.execute("INSERT INTO route_tables (published_at, routes) VALUES (?, ?)",
-                                          (time.time(), text))
+                columns.append("activation")
+                values.append(settings)
+            if self._has_overflow:
+                columns.append("overflow")
+                values.append(overflows)
+            cursor = self._db.execute(
+                f"INSERT INTO route_tables ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
+                values)
             version = int(cursor.lastrowid or 0)
             # Keep a short history for debugging; the gateway only needs the latest.
             self._db.execute("DELETE FROM route_tables WHERE version < ?", (version - 50,))
@@ -166,7 +258,7 @@ class RouteStore:
             if error is exc:
                 raise
             raise error from exc
-        self._last = (version, text, settings)
+        self._last = (version, text, settings, overflows)
         return version
 
     def latest_version(self) -> int:
@@ -174,14 +266,17 @@ class RouteStore:
         return int(row[0] or 0)
 
     def latest(self) -> RouteTable | None:
-        if not self._has_activation:  # a reader that could not add the column: has the daemon since?
-            self._has_activation = "activation" in self._columns()
-        columns = "version, routes, published_at, activation" if self._has_activation else \
-            "version, routes, published_at"
+        if not self._has_activation or not self._has_overflow:
+            # a reader that could not add a column: has the daemon since?
+            present = self._columns()
+            self._has_activation = "activation" in present
+            self._has_overflow = "overflow" in present
+        columns = "version, routes, published_at, " + ("activation" if self._has_activation else "NULL") + \
+            ", " + ("overflow" if self._has_overflow else "NULL")
         row = self._db.execute(f"SELECT {columns} FROM route_tables ORDER BY version DESC LIMIT 1").fetchone()
         if row is None:
             return None
-        return RouteTable.from_json(int(row[0]), row[1], float(row[2]), row[3] if len(row) > 3 else None)
+        return RouteTable.from_json(int(row[0]), row[1], float(row[2]), row[3], row[4])
 
     def close(self) -> None:
         self._db.close()
@@ -189,4 +284,4 @@ class RouteStore:
 
 # route_key is the pure core's (modelfleet.state.routes), re-exported with the table it keys.
 __all__ = ["DEFAULT_ACTIVATION_QUEUE", "DEFAULT_ACTIVATION_TIMEOUT", "ROUTES_DB", "Activation", "Backend",
-           "RouteStore", "RouteTable", "route_key"]
+           "Overflow", "RouteStore", "RouteTable", "route_key"]

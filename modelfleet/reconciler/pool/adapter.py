@@ -7,6 +7,7 @@ Only the low-level calls we need, each with a timeout. Listing is label-filtered
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,9 @@ class HostClient:
         self.host = host
         self.timeout = timeout
         self._client: docker.DockerClient | None = None
+        # Held while observe's container list of this host is in flight (observe does not wait for
+        # a host past its timeout, and does not ask again while the previous list has not returned).
+        self.listing = threading.Lock()
 
     @property
     def name(self) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from modelfleet.reconciler.errors import ModelfleetError
+from modelfleet.reconciler.errors import HostUnavailable, ModelfleetError
 from modelfleet.reconciler.pool.adapter import ContainerInfo, HostClient
 from modelfleet.state.actual import ObservedReplica, from_labels
 
@@ -18,31 +18,77 @@ class Observation:
     containers: dict[tuple[str, str], ContainerInfo] = field(default_factory=dict)  # (host, id) -> info
     down_hosts: frozenset[str] = frozenset()
     errors: dict[str, str] = field(default_factory=dict)  # host -> why unreachable
+    host_seconds: dict[str, float] = field(default_factory=dict)  # host -> how long its list took
     seconds: float = 0.0
 
 
 def observe(clients: Sequence[HostClient]) -> Observation:
+    """One label-filtered list per host, in parallel. A host that has not answered within its
+    client's timeout (docker.timeout) counts as unreachable for this pass: the pass does not wait
+    for it (docker-py's timeout bounds each socket operation, not a whole call: a host that
+    trickles its answer, or needs a round trip for the API version first, could take several).
+    Its list goes on in the background; while it has not returned, later passes do not ask again."""
     started = time.monotonic()
-
-    def one(client: HostClient) -> tuple[str, list[ContainerInfo] | str]:
-        try:
-            return client.name, client.list_managed()
-        except ModelfleetError as exc:
-            return client.name, str(exc)
-
     result = Observation()
+    if not clients:
+        return result
+
+    def one(client: HostClient) -> tuple[list[ContainerInfo] | str, float]:
+        began = time.monotonic()
+        try:
+            return client.list_managed(), time.monotonic() - began
+        except ModelfleetError as exc:
+            return str(exc), time.monotonic() - began
+        finally:
+            client.listing.release()
+
     down: set[str] = set()
-    with ThreadPoolExecutor(max_workers=max(1, min(32, len(clients)))) as pool:
-        for host, listed in pool.map(one, clients):
-            if isinstance(listed, str):
-                down.add(host)
-                result.errors[host] = listed
+    outcomes: dict[str, list[ContainerInfo] | str] = {}
+    seconds: dict[str, float] = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, min(32, len(clients))), thread_name_prefix="observe")
+    try:
+        futures: dict[Future[tuple[list[ContainerInfo] | str, float]], HostClient] = {}
+        for client in clients:
+            if not client.listing.acquire(blocking=False):
+                outcomes[client.name] = str(HostUnavailable(
+                    client.name, f"its previous container list has not returned after {client.timeout:g}s "
+                    "(docker.timeout); not asked again until it does"))
                 continue
-            for info in listed:
-                replica = from_labels(host, info.id, info.name, info.labels, info.running)
-                if replica is not None:
-                    result.replicas.append(replica)
-                    result.containers[(host, info.id)] = info
+            try:
+                futures[pool.submit(one, client)] = client
+            except BaseException:
+                client.listing.release()
+                raise
+        deadline = started + max((c.timeout for c in futures.values()), default=0.0)
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                 return_when=FIRST_COMPLETED)
+            for future in done:
+                name = futures[future].name
+                outcomes[name], seconds[name] = future.result()
+            if not done:
+                break
+        for future in pending:
+            client = futures[future]
+            outcomes[client.name] = str(HostUnavailable(
+                client.name, f"no answer to the container list within {client.timeout:g}s (docker.timeout)"))
+    finally:
+        pool.shutdown(wait=False)
+    for client in clients:
+        listed = outcomes[client.name]
+        host = client.name
+        if isinstance(listed, str):
+            down.add(host)
+            result.errors[host] = listed
+            result.host_seconds[host] = round(seconds.get(host, time.monotonic() - started), 4)
+            continue
+        result.host_seconds[host] = round(seconds[host], 4)
+        for info in listed:
+            replica = from_labels(host, info.id, info.name, info.labels, info.running)
+            if replica is not None:
+                result.replicas.append(replica)
+                result.containers[(host, info.id)] = info
     result.down_hosts = frozenset(down)
     result.seconds = time.monotonic() - started
     return result

@@ -34,6 +34,11 @@ log = logging.getLogger("modelfleet.apply")
 Key = tuple[str, str]
 
 
+def _log_fields(pass_id: int, action: Action) -> dict[str, object]:
+    """What a JSON log line of an action carries (apply threads do not see the pass's log context)."""
+    return {"pass_id": pass_id, "model": action.model, "environment": action.environment, "host": action.host}
+
+
 @dataclass
 class ApplyReport:
     outcomes: list[ActionOutcome] = field(default_factory=list)
@@ -59,6 +64,7 @@ class Applier:
         stop_event: threading.Event | None = None,
         prepare_volumes: Callable[[HostClient, DesiredReplica], dict[str, dict[str, str]] | None] | None = None,
         origin_env: Callable[[dict[str, object] | None], dict[str, str]] | None = None,
+        gateway_secret: Callable[[str, str], str | None] | None = None,
     ) -> None:
         self.clients = clients
         self.hosts = hosts
@@ -69,6 +75,7 @@ class Applier:
         self.stop_event = stop_event or threading.Event()
         self.prepare_volumes = prepare_volumes
         self.origin_env = origin_env
+        self.gateway_secret = gateway_secret
         self.prober = ReadinessProber()
         self._progress = threading.local()  # per deployment group: the progress deadline
         self._publish_lock = threading.Lock()
@@ -120,12 +127,13 @@ class Applier:
         except ModelfleetError as exc:
             self.store.finish_action(action_id, "failed", str(exc))
             log.warning("%s %s/%s replica %d on %s failed: %s", action.op, action.model, action.environment,
-                        action.replica, action.host, exc)
+                        action.replica, action.host, exc, extra=_log_fields(pass_id, action))
             return ActionOutcome(action, False, str(exc), isinstance(exc, TerminalError | NotReady),
                                  time.monotonic() - started, failed_version=isinstance(exc, NotReady))
         self.store.finish_action(action_id, "ok")
         log.info("%s %s/%s replica %d on %s (%s) in %.2fs", action.op, action.model, action.environment,
-                 action.replica, action.host, action.reason, time.monotonic() - started)
+                 action.replica, action.host, action.reason, time.monotonic() - started,
+                 extra=_log_fields(pass_id, action))
         return ActionOutcome(action, True, None, False, time.monotonic() - started)
 
     def _publish(self) -> None:
@@ -264,17 +272,24 @@ class Applier:
         # The runtime contract (modelfleet/runtimes/contract.py): where the model is and what it
         # is, which deployment this is, the port; then the manifest's env on top.
         origin_env = self.origin_env(want.origin) if self.origin_env and want.origin else {}
+        ours = runtime.type in ("torch", "transformers")
+        # Our runtimes refuse requests that do not carry the deployment's secret (the gateway adds
+        # it); other servers would not check it, so they are not given it.
+        secret = self.gateway_secret(want.model, want.environment) if ours and self.gateway_secret else None
         contract = RuntimeEnvironment.from_env(origin_env, strict=True).for_deployment(
             want.model, want.environment,
             # our runtimes listen where the manifest says; TEI/TGI take --port (in their args)
-            port=runtime.port if runtime.type in ("torch", "transformers") else None,
+            port=runtime.port if ours else None, gateway_secret=secret, open_path=runtime.probe.path,
         )
         env = contract.merged_with(dict(runtime.env))
         volumes = self.prepare_volumes(client, want) if self.prepare_volumes else None
+        host = self.hosts.get(want.host)
+        publish = {"publish_ip": host.publish_ip} if host is not None else {}
         return ContainerSpec(
             name=name, image=runtime.image, command=list(runtime.args) or None, environment=env,
             labels=labels_for(want.model, want.environment, want.index, want.spec_hash, want.revision),
             port=runtime.port, cpus=runtime.cpus, memory=runtime.memory, volumes=volumes,
+            **publish,
         )
 
     def _url(self, host: str, info: ContainerInfo, port: int) -> str:

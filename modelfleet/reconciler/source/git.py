@@ -46,6 +46,8 @@ log = logging.getLogger("modelfleet.source")
 # English messages whatever the locale (they are classified), and never a prompt.
 GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "LANGUAGE": "C"}
 CORRUPT_SUFFIX = ".corrupt"
+# Where the heads of review branches are fetched to in the mirror (review.branches).
+REVIEW_REFS = "refs/modelfleet/review/"
 # What git says about a damaged local repository (confirmed with `git fsck` before acting on it).
 _LOCAL_DAMAGE = re.compile(
     r"packfile|does not match index|is corrupt|corrupt (?:loose|object|pack)|bad object|invalid sha1 pointer"
@@ -221,6 +223,7 @@ class GitSource:
         self._suspect: str | None = None
         # The last time the mirror was found damaged and fetched afresh (for /api/v1/status).
         self.recovery: str | None = None
+        self._messages: dict[str, str] = {}  # commit -> message (commit_message)
 
     @property
     def ref(self) -> str:
@@ -391,6 +394,43 @@ class GitSource:
             raise _Damaged(problem or f"{self.ref} does not resolve to a readable commit: {_summary(resolved.stderr)}")
         return lines[0]
 
+    # --- review branches ------------------------------------------------------------------------
+
+    def fetch_review(self, patterns: list[str], timeout: float) -> list[tuple[str, str]]:
+        """Fetch the branches matching ``patterns`` (review.branches, one ``*`` each) into
+        ``refs/modelfleet/review/`` of the mirror, apart from the tracked branch: a separate fetch,
+        so that its failure is never the pass's (the fast path of sync skips the fetch). Returns
+        (branch, commit) of each, newest commit first; raises GitSourceError when the fetch fails."""
+        if not patterns:
+            return []
+        specs = [f"+refs/heads/{p}:{REVIEW_REFS}{p}" for p in patterns]
+        with self._lock:
+            repo = self._open()
+            try:
+                code, _, stderr = repo.git.fetch("origin", *specs, "--prune", "--no-tags", "--no-write-fetch-head",
+                                                 kill_after_timeout=timeout, with_extended_output=True,
+                                                 with_exceptions=False)
+            except (git.GitError, OSError) as exc:
+                raise GitSourceError(f"fetching the review branches failed: {exc}") from None
+            if code != 0 and _BRANCH_MISSING.search(str(stderr or "")) and any("*" not in p for p in patterns):
+                # A branch named without '*' that does not exist (now): fetch the globs alone.
+                globs = [spec for spec in specs if "*" in spec]
+                code, _, stderr = (repo.git.fetch("origin", *globs, "--prune", "--no-tags", "--no-write-fetch-head",
+                                                  kill_after_timeout=timeout, with_extended_output=True,
+                                                  with_exceptions=False) if globs else (0, "", ""))
+            if code != 0:
+                raise GitSourceError(f"fetching the review branches {', '.join(patterns)} from "
+                                     f"{redact_url(self.url)} failed: {_summary(str(stderr or ''))}")
+            listed = self._git("for-each-ref", "--sort=-committerdate", "--format=%(objectname) %(refname)",
+                               REVIEW_REFS)
+        heads = []
+        for line in listed.stdout.splitlines():
+            sha, _, ref = line.partition(" ")
+            branch = ref.removeprefix(REVIEW_REFS)
+            if branch != self.branch and re.fullmatch(r"[0-9a-f]{40}", sha):
+                heads.append((branch, sha))
+        return heads
+
     # --- reading --------------------------------------------------------------------------------
 
     def _read_blob(self, oid: str) -> bytes:
@@ -423,6 +463,25 @@ class GitSource:
                                          f"{redact_url(self.url)} afresh: {exc}") from None
             except TreeTooLarge as exc:
                 raise GitSourceError(str(exc)) from None
+
+    def commit_message(self, commit: str) -> str | None:
+        """The full message of a commit of the mirror (its trailers: deletion safety); None when it
+        cannot be read. Cached per commit (one git call per new commit)."""
+        cached = self._messages.get(commit)
+        if cached is not None:
+            return cached
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):
+            return None
+        with self._lock:
+            self._open()
+            shown = self._git("log", "-1", "--format=%B", commit, "--", timeout=self.timeout)
+        if shown.returncode != 0:
+            log.warning("cannot read the message of commit %s: %s", commit[:12], _summary(shown.stderr))
+            return None
+        if len(self._messages) > 20:
+            self._messages.clear()
+        self._messages[commit] = shown.stdout
+        return shown.stdout
 
     def watch_paths(self) -> list[Path]:
         """Paths whose change means a push happened (local repositories only)."""

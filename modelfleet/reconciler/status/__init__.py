@@ -22,4 +22,12 @@ class StatusWriter(Protocol):
 
 
 class StatusError(Exception):
-    """A status could not be written (network, auth, ...). Never contains a secret."""
+    """A status could not be written (network, auth, ...). Never contains a secret.
+
+    ``transient``: trying again later may succeed (network, 5xx, rate limits); ``retry_after``: the
+    seconds the forge asked to wait (``Retry-After``), if it said."""
+
+    def __init__(self, message: str, *, transient: bool = True, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.retry_after = retry_after

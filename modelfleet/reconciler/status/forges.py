@@ -1,8 +1,10 @@
 """Forge status providers: the commit-status APIs of Gitea/Forgejo, GitHub and GitLab.
 
 Each writer POSTs one status per context on the commit, with bounded retries (connection errors,
-timeouts, 429 and 5xx; small exponential backoff), and raises StatusError otherwise. The token is
-kept out of reprs, logs and exception messages.
+timeouts, 429 and 5xx; small exponential backoff), and raises StatusError otherwise, saying whether
+it is transient and what ``Retry-After`` the forge asked for. The daemon writes through the status
+outbox (status/outbox.py, with ``attempts=1``: the outbox retries). The token is kept out of reprs,
+logs and exception messages.
 
 API references (request shapes the tests' stand-in forge checks):
 - Gitea/Forgejo: ``POST /api/v1/repos/{owner}/{repo}/statuses/{sha}``, ``Authorization: token T``,
@@ -17,6 +19,7 @@ API references (request shapes the tests' stand-in forge checks):
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import logging
 import re
@@ -78,6 +81,8 @@ class _ForgeWriter:
 
     forge: ClassVar[str]
     max_description: ClassVar[int] = 255
+    # Written through the status outbox (status/outbox.py): in the background, retried there.
+    background: ClassVar[bool] = True
     _target_field: ClassVar[str] = "owner_repo"
 
     def __init__(self, base_url: str, target: str, token: str, *, timeout: float = 10.0,
@@ -135,7 +140,7 @@ class _ForgeWriter:
         """POST each status in order; the first one that cannot be written raises StatusError
         (the rest are not tried: the daemon republishes everything on its next pass)."""
         if not _SHA.fullmatch(revision):
-            raise StatusError(f"{self.forge}: {revision!r} is not a full commit SHA")
+            raise StatusError(f"{self.forge}: {revision!r} is not a full commit SHA", transient=False)
         for status in statuses:
             self._check(status)
         for status in statuses:
@@ -159,25 +164,29 @@ class _ForgeWriter:
     def _post(self, client: httpx.Client, sha: str, status: CommitStatus) -> None:
         url, body, headers = self._url(sha), self._body(status), self._headers()
         what = f"{self.forge}: status {status.context!r} on {sha[:12]} of {self._target}"
-        problem = "no attempt made"
+        problem, retry_after = "no attempt made", None
         for attempt in range(1, self.attempts + 1):
             delay = self.backoff * 2 ** (attempt - 1)
             try:
                 response = client.post(url, json=body, headers=headers)
             except httpx.TransportError as exc:  # connection refused/reset, timeouts, protocol errors
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                retry_after = None
             else:
                 if response.is_success or self._accepts(response):
                     log.debug("%s: %s", what, status.state)
                     return
                 problem = f"HTTP {response.status_code} {response.reason_phrase}: {_explain(response)}"
-                if response.status_code < 500 and response.status_code != 429:
-                    raise StatusError(self._hide(f"{what}: {problem}"))
-                delay = max(delay, _retry_after(response))
+                retry_after = _retry_after(response)
+                rate_limited = response.status_code == 429 or (response.status_code == 403 and retry_after is not None)
+                if response.status_code < 500 and not rate_limited:
+                    raise StatusError(self._hide(f"{what}: {problem}"), transient=False)
+                delay = max(delay, retry_after or 0.0)
             if attempt < self.attempts:
                 log.debug("%s: attempt %d/%d failed (%s)", what, attempt, self.attempts, self._hide(problem))
                 time.sleep(min(delay, _MAX_DELAY))
-        raise StatusError(self._hide(f"{what}: {problem} (gave up after {self.attempts} attempts)"))
+        tries = f" (gave up after {self.attempts} attempts)" if self.attempts > 1 else ""
+        raise StatusError(self._hide(f"{what}: {problem}{tries}"), retry_after=retry_after)
 
     def _hide(self, text: str) -> str:
         return redact_url(text.replace(self._token.reveal(), "***"))
@@ -225,7 +234,7 @@ class GitHubWriter(_ForgeWriter):
         size = len(status.context.encode())
         if size > self.max_context_bytes:
             raise StatusError(f"github: context {status.context[:60]!r}... is {size} bytes, "
-                              f"GitHub accepts at most {self.max_context_bytes}")
+                              f"GitHub accepts at most {self.max_context_bytes}", transient=False)
 
 
 _GITLAB_STATES: dict[State, str] = {"pending": "pending", "success": "success",
@@ -368,9 +377,22 @@ def _explain(response: httpx.Response) -> str:
     return _cut(" ".join(response.text.split()), 300) or "(empty body)"
 
 
-def _retry_after(response: httpx.Response) -> float:
-    value = response.headers.get("Retry-After", "")
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return 0.0
+def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds to wait that the forge asked for: ``Retry-After`` (seconds or an HTTP date), or
+    GitHub's exhausted rate limit (403/429 with ``x-ratelimit-remaining: 0`` until ``x-ratelimit-reset``).
+    None when it did not say (a 403 without it is a permission problem, not a rate limit)."""
+    value = response.headers.get("Retry-After", "").strip()
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return None
+    if response.headers.get("x-ratelimit-remaining") == "0":
+        try:
+            return max(0.0, float(response.headers.get("x-ratelimit-reset", "")) - time.time())
+        except ValueError:
+            return None
+    return None

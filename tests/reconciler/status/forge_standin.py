@@ -91,6 +91,7 @@ class StandInForge:
         self.requests: list[Recorded] = []
         self.violations: list[str] = []
         self.script: list[tuple[int, Any]] = []  # answers to give, in order, to well-formed requests
+        self.reply_headers: dict[int, dict[str, str]] = {}  # extra headers of answers by code (Retry-After)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -183,6 +184,8 @@ class StandInForge:
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in forge.reply_headers.get(code, {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 

@@ -359,12 +359,16 @@ class Daemon:
             return False
         load = self.demand.samples()
         now = self.demand.clock()
+        wanted_running: dict[Key, int] = {}
+        for replica in current.desired.replicas:
+            if replica.running and replica.key in current.scaling:
+                wanted_running[replica.key] = wanted_running.get(replica.key, 0) + 1
         for entry in current.catalog.deployments():
             spec = entry.spec
             last = current.scaling.get(entry.key)
             if spec is None or spec.serverless is None or last is None:
                 continue
-            running = sum(1 for r in current.desired.replicas if r.key == entry.key and r.running)
+            running = wanted_running.get(entry.key, 0)
             decision = decide(spec.serverless, load.get(route_key(*entry.key), ()), self._scaler_memory.get(entry.key),
                               now, current=running, watching_since=self.demand.watching_since)
             if decision.desired != running:

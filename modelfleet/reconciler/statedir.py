@@ -143,14 +143,7 @@ def sqlite_write(db: sqlite3.Connection, path: str | os.PathLike[str],
     """``BEGIN IMMEDIATE`` … ``COMMIT``; all or nothing. A storage failure (disk full, I/O error,
     lock timeout, corruption) becomes a StoreError after the transaction is rolled back."""
     try:
-        db.execute("BEGIN IMMEDIATE")
-    except BaseException as exc:
-        rollback(db)
-        error = translated(path, exc, what)
-        if error is exc:
-            raise
-        raise error from exc
-    try:
+        db.execute("BEGIN IMMEDIATE")  # a failure here never reaches the yield: it raises from here
         yield db
         db.execute("COMMIT")
     except BaseException as exc:

@@ -176,6 +176,7 @@ class Daemon:
         self._published: dict[str, dict[str, tuple[str, str]]] = {}  # revision -> context -> (state, desc)
         # The plan of the current pass: what apply threads publish routes for.
         self._plan: Plan | None = None
+        self._gateway_settings: tuple[Plan, dict[str, Activation], dict[str, Overflow]] | None = None
         self._routes_lock = threading.Lock()
         # Loaded manifests of the last commit, and its repository model files that are not valid.
         self._catalog: tuple[str, Catalog, dict[str, str]] | None = None
@@ -227,8 +228,13 @@ class Daemon:
                 key = route_key(row.model, row.environment)
                 if key in table:
                     table[key].append(Backend(row.url, row.name, row.host))
+            # What the gateways hold and overflow depends on the plan only: made once per plan, not on
+            # each publish (apply threads publish as every replica becomes ready).
+            if self._gateway_settings is None or self._gateway_settings[0] is not current:
+                self._gateway_settings = (current, *_gateway_settings(current))
+            _, activation, overflow = self._gateway_settings
             return self.routes.publish({k: tuple(sorted(v, key=lambda b: b.container)) for k, v in table.items()},
-                                       activation=_activations(current), overflow=_overflows(current))
+                                       activation=activation, overflow=overflow)
 
     # --- the pass -------------------------------------------------------------------------------
 
@@ -521,28 +527,23 @@ class Daemon:
                 del self._published[old]
 
 
-def _activations(plan: Plan) -> dict[str, Activation]:
-    """How gateways hold requests for the plan's serverless deployments while they activate."""
-    result = {}
+def _gateway_settings(plan: Plan) -> tuple[dict[str, Activation], dict[str, Overflow]]:
+    """For the plan's serverless deployments: how gateways hold their requests while they activate,
+    and where they send the requests of those with an on-prem endpoint first (never its token)."""
+    activation: dict[str, Activation] = {}
+    overflow: dict[str, Overflow] = {}
     for entry in plan.catalog.deployments():
         spec = entry.spec
-        if spec is not None and spec.serverless is not None and spec.enabled:
-            result[route_key(*entry.key)] = Activation(queue=spec.serverless.queue,
-                                                       timeout=spec.serverless.activation_timeout)
-    return result
-
-
-def _overflows(plan: Plan) -> dict[str, Overflow]:
-    """Where gateways send the requests of deployments with an on-prem endpoint first (never the token)."""
-    result = {}
-    for entry in plan.catalog.deployments():
-        spec = entry.spec
-        if spec is not None and spec.overflow is not None and spec.serverless is not None and spec.enabled:
+        if spec is None or spec.serverless is None or not spec.enabled:
+            continue
+        key = route_key(*entry.key)
+        activation[key] = Activation(queue=spec.serverless.queue, timeout=spec.serverless.activation_timeout)
+        if spec.overflow is not None:
             o = spec.overflow
-            result[route_key(*entry.key)] = Overflow(
+            overflow[key] = Overflow(
                 endpoint=o.endpoint, token_file=o.token_file, health_path=o.health_check.path,
                 health_period=o.health_check.period, health_timeout=o.health_check.timeout,
                 failure_threshold=o.health_check.failure_threshold, max_concurrency=o.max_concurrency,
                 percentage=o.percentage, consecutive_failures=o.outlier_detection.consecutive_failures,
                 ejection_time=o.outlier_detection.ejection_time)
-    return result
+    return activation, overflow

@@ -530,10 +530,14 @@ def _set_own_hostname(hostname: str) -> None:
         raise OSError(ctypes.get_errno(), f"unshare/sethostname {hostname}")
 
 
-def _start_daemons(host: TestHost) -> list[subprocess.Popen[bytes]]:
+def _start_daemons(host: TestHost, data_size: str | None = None) -> list[subprocess.Popen[bytes]]:
     containerd_dir = host.exec_root / "containerd"
     containerd_dir.mkdir(parents=True)
     host.data_root.mkdir(parents=True)
+    if data_size is not None:
+        # A host with a small disk: images, containers and volumes share one tmpfs of this size,
+        # so that a write beyond it fails with ENOSPC as on a full disk (teardown unmounts it).
+        _run("mount", "-t", "tmpfs", "-o", f"size={data_size},mode=0711", "tmpfs", str(host.data_root))
     config = containerd_dir / "containerd.toml"
     config.write_text(_CONTAINERD_TOML.format(data_root=host.data_root, exec_root=host.exec_root))
     # An own containerd per host: dockerd would silently share the system one whenever
@@ -630,10 +634,12 @@ def start_hosts(
     subnet_base: str | None = "10.231",
     base_dir: Path = BASE_DIR,
     timeout: float = 60.0,
+    data_size: str | None = None,
 ) -> list[TestHost]:
     """Start ``count`` Docker hosts ``{prefix}0..`` in parallel and wait until they answer.
 
-    Host i gets ``{subnet_base}.{i}.2``; ``subnet_base=None`` picks a free ``10.N``.
+    Host i gets ``{subnet_base}.{i}.2``; ``subnet_base=None`` picks a free ``10.N``. With
+    ``data_size`` (e.g. ``"96m"``) each host's data root is a tmpfs of that size: a small disk.
     Leftovers with the same prefix (earlier aborted runs) are removed first; hosts with this
     prefix owned by another live process raise HostsBusyError, and so does a subnet that
     is already in use on this machine. On failure everything started is torn down again.
@@ -660,7 +666,7 @@ def start_hosts(
         finally:
             os.close(network_lock)
         for host in hosts:
-            _CHILDREN.setdefault(prefix, []).extend(_start_daemons(host))
+            _CHILDREN.setdefault(prefix, []).extend(_start_daemons(host, data_size))
         # All daemons boot concurrently; this only polls.
         wait_ready(hosts, timeout)
     except BaseException:

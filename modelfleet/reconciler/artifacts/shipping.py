@@ -282,7 +282,7 @@ class ArtifactHostOps:
                       entrypoint: list[str] | None = None, command: list[str] | None = None) -> str:
         if not self.client.image_present(image):
             raise ImageMissing(self.client.name, image)
-        with self.client._translate("create artifact helper"):
+        with self.client._translate(f"create artifact helper for volume {volume}"):
             host_config = self.api.create_host_config(
                 mounts=[Mount(MODEL_MOUNT, volume, type="volume", read_only=read_only, no_copy=True)],
                 network_mode="none",

@@ -165,7 +165,7 @@ class Daemon:
         self.state_dir = Path(config.state_dir)
         self.store = Store(self.state_dir)
         self.routes = RouteStore(self.state_dir)
-        self.source = GitSource(config.repo.url, config.repo.branch, self.state_dir)
+        self.source = GitSource(config.repo.url, config.repo.branch, self.state_dir, timeout=config.repo.fetch_timeout)
         self.hosts = {h.name: h for h in config.pool.hosts}
         self.clients = {h.name: HostClient(h, timeout=config.docker.timeout) for h in config.pool.hosts}
         self.triggers = TriggerQueue()
@@ -227,7 +227,7 @@ class Daemon:
                     continue
                 key = route_key(row.model, row.environment)
                 if key in table:
-                    table[key].append(Backend(row.url, row.name, row.host))
+                    table[key].append(Backend(row.url, row.name, row.host, row.replica, row.spec_hash, row.revision))
             # What the gateways hold and overflow depends on the plan only: made once per plan, not on
             # each publish (apply threads publish as every replica becomes ready).
             if self._gateway_settings is None or self._gateway_settings[0] is not current:

@@ -4,6 +4,7 @@ deleted branch, a damaged local mirror (re-fetched, never trusted)."""
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,23 @@ def test_a_blob_that_cannot_be_read_marks_the_mirror_for_a_check(remote: Remote,
     damage_objects(source.path)
     synced = source.sync()  # the check finds the damage: fetched afresh although nothing changed
     assert synced.revision == head and source.recovery is not None
+
+
+def test_a_remote_that_never_answers_is_unreachable_after_the_fetch_timeout(remote: Remote, tmp_path: Path) -> None:
+    source = source_for(remote, tmp_path)
+    first = source.sync().revision
+    # A git:// remote that accepts the connection and then says nothing (a hung server, a dead link
+    # behind a proxy): the fetch is killed after repo.fetchTimeout and the pass goes on.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"git://127.0.0.1:{silent.getsockname()[1]}/origin.git"
+        hung = GitSource(url, "main", tmp_path / "state", timeout=1.0)
+        started = time.monotonic()
+        synced = hung.sync()
+        elapsed = time.monotonic() - started
+    assert synced.revision == first
+    assert synced.failure is not None and synced.failure.reason == REMOTE_UNREACHABLE
+    detail = synced.failure.detail
+    assert "no answer within 1 s (fetch killed; the limit is repo.fetchTimeout)" in detail, detail
+    assert elapsed < 15, elapsed  # bounded by the timeout, not by git's own (none for git://)

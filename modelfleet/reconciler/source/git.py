@@ -87,8 +87,8 @@ def _summary(stderr: str, limit: int = 300) -> str:
     text = stderr.strip().removeprefix("stderr:").strip().strip("'").strip()
     if text.startswith("Timeout:"):
         seconds = re.search(r"in (\d+(?:\.\d+)?) secs", text)
-        limit = seconds.group(1) if seconds else "?"
-        return f"no answer within {limit} s (fetch killed; the limit is repo.fetchTimeout)"
+        waited = seconds.group(1) if seconds else "?"
+        return f"no answer within {waited} s (fetch killed; the limit is repo.fetchTimeout)"
     lines = [line.strip() for line in text.splitlines() if line.strip() and not _BOILERPLATE.search(line)]
     return redact_url("; ".join(lines[-3:]))[-limit:] or "git exited with an error and said nothing"
 

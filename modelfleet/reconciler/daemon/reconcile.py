@@ -227,7 +227,7 @@ class Daemon:
                     continue
                 key = route_key(row.model, row.environment)
                 if key in table:
-                    table[key].append(Backend(row.url, row.name, row.host, row.replica, row.spec_hash, row.revision))
+                    table[key].append(Backend(row.url, row.name, row.host))
             # What the gateways hold and overflow depends on the plan only: made once per plan, not on
             # each publish (apply threads publish as every replica becomes ready).
             if self._gateway_settings is None or self._gateway_settings[0] is not current:

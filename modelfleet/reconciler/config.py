@@ -67,7 +67,7 @@ class RepoSettings(_Settings):
     url: RepoLocation = "."
     branch: str = "main"
     poll_interval: Duration = 30.0
-    # How long one git fetch (or notes push) may take before the remote counts as unreachable for the pass.
+    # How long one git fetch of the tracked branch may take before the remote counts as unreachable for the pass.
     fetch_timeout: Annotated[Duration, Field(gt=0, le=3600)] = 60.0
     watch: bool = True
     webhook_secret_file: ConfigPath | None = None

@@ -88,6 +88,9 @@ class HttptoolsCodec:
         assert httptools is not None
         self._conn = conn
         self._parser = httptools.HttpResponseParser(self)
+        # Accept what nginx accepts from an upstream: lines ended by a bare LF (busybox httpd CGIs).
+        # Everything else stays strict (llhttp's default): a 502 that names what was wrong.
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self._headers: list[tuple[bytes, bytes]] = []
         self._chunked = False
         self._head_request = False

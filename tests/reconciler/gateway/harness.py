@@ -152,7 +152,8 @@ def who(response: httpx.Response) -> str:
 
 class RawBackend:
     """A hand-written HTTP server for the odd answers: ``/close-delimited`` (the body ends with the
-    connection), ``/informational`` (100 Continue first), ``/garbage``, ``/hangup`` (no answer)."""
+    connection), ``/informational`` (100 Continue first), ``/bare-lf`` (LF-only header lines),
+    ``/garbage``, ``/hangup`` (no answer)."""
 
     def __init__(self) -> None:
         self.sock = bound_socket()
@@ -190,6 +191,9 @@ class RawBackend:
             elif path.startswith(b"/informational"):
                 conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                 conn.recv(1)  # keep the connection until the gateway closes it
+            elif path.startswith(b"/bare-lf"):
+                # What a busybox httpd CGI sends: header lines ending in a bare LF (nginx accepts it).
+                conn.sendall(b"HTTP/1.1 200 OK\ncontent-type: text/plain\ncontent-length: 7\nx-cgi: yes\n\nfrom sh")
             elif path.startswith(b"/garbage"):
                 conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
 

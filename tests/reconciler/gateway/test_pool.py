@@ -20,8 +20,11 @@ def test_odd_backend_answers(raw_backend: RawBackend, backends: Any, make_gatewa
     assert response.status_code == 200 and response.text == "all of it, up to the end"
     response = gw.client.post("/models/m/informational", content=b"x")
     assert response.status_code == 200 and response.text == "ok"
+    response = gw.client.get("/models/m/bare-lf")  # lenient like nginx: bare LF ends a header line
+    assert (response.status_code, response.text, response.headers.get("x-cgi")) == (200, "from sh", "yes")
     response = gw.client.get("/models/m/garbage")
     assert response.status_code == 502 and response.json()["type"] == "BadGateway"
+    assert "invalid response" in response.json()["message"], response.json()  # it names the reason
     response = gw.client.get("/models/m/hangup")  # retried once on the same (only) backend, then 502
     assert response.status_code == 502
 

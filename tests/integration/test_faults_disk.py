@@ -87,8 +87,9 @@ def test_a_full_host_disk_fails_shipping_clearly_and_recovers_when_space_is_free
         deployment = disk_fleet.wait(failed, 90, "shipping fails with ENOSPC")
         message = deployment["message"]
         assert "mf-artifact-" in message and disk_fleet.host_names[0] in message, message
-        # Nothing half-written stays: the partial volume is removed, and no container was started on it.
-        assert artifact_volumes(small_disk_host) == []
+        # Nothing half-written stays: the partial volume is removed (a pass retrying at that very moment
+        # may hold a new one for an instant, hence the wait), and no replica was created on it.
+        disk_fleet.wait(lambda: artifact_volumes(small_disk_host) == [], 20, "no partial volume left")
         client = small_disk_host.client()
         try:
             assert client.containers.list(all=True, filters={"label": "modelfleet.model=echo"}) == []

@@ -160,7 +160,8 @@ def make_fleet_with_url(fleet: Fleet, url: str) -> Fleet:
     import yaml
 
     config = yaml.safe_load(fleet.config_path.read_text())
-    config["repo"] = {"url": url, "branch": "main", "pollInterval": "1s", "watch": False}
+    # A fetch open when the link goes down waits for fetchTimeout: short, so the test does not.
+    config["repo"] = {"url": url, "branch": "main", "pollInterval": "1s", "fetchTimeout": "5s", "watch": False}
     fleet.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return fleet
 
@@ -184,11 +185,12 @@ def test_unreachable_remote_keeps_repairing_drift_and_catches_up_when_back(
     try:
         fleet.api("/api/v1/sync", method="POST")
         # A git connection open when the link went down (a fetch, a notes push: passes are every
-        # second) waits for its timeout (the fetch's is 60 s); new connections fail at once.
-        status = fleet.wait(lambda: (s := fleet.status()).get("sourceError") and s, 90, "sourceError")
+        # second) waits for repo.fetchTimeout (5 s here); new connections fail at once.
+        status = fleet.wait(lambda: (s := fleet.status()).get("sourceError") and s, 60, "sourceError")
         error = status["sourceError"]
         assert error.startswith("git remote unreachable since "), error
-        assert "No route to host" in error or "unable to connect" in error, error
+        assert ("No route to host" in error or "unable to connect" in error
+                or "no answer within 5 s (fetch killed; the limit is repo.fetchTimeout)" in error), error
         [condition] = status["conditions"]
         assert (condition["type"], condition["status"], condition["reason"]) == ("SourceSynced", "False",
                                                                                  "RemoteUnreachable")

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
+import hashlib
 import http.client
 import io
 import ipaddress
@@ -51,6 +52,7 @@ BASE_DIR = Path("/var/lib/modelfleet-test")
 DOCKER_PORT = 2375
 BUSYBOX_TAG = "modelfleet/busybox:latest"
 ECHO_TAG = "modelfleet/echo:latest"
+ECHO_DIGEST_LABEL = "modelfleet.test-echo-digest"
 ECHO_PORT = 8080
 # Labels put on the test images so that they can be told apart from anything else.
 IMAGE_LABEL = "modelfleet.test-image"
@@ -804,6 +806,15 @@ def _tar_add(
         tar.addfile(info, io.BytesIO(payload))
 
 
+def _image_label(client: docker.DockerClient, tag: str, label: str) -> str | None:
+    """A label of the image ``tag``; None when there is no such image or label."""
+    try:
+        image = client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return None
+    return (image.labels or {}).get(label)
+
+
 def _image_exists(client: docker.DockerClient, tag: str) -> bool:
     try:
         client.images.get(tag)
@@ -866,6 +877,7 @@ _ECHO_ENTRYPOINT = """\
 # PID 1 of the echo image. Traps TERM so that `docker stop` is fast even without --init.
 date +%s > /tmp/.started
 trap 'exit 0' TERM INT
+echo "echo server version ${VERSION:-} listening on ${PORT:-8080}"
 nc -ll -p "${PORT:-8080}" -e /srv/echo-handler &
 wait
 """
@@ -879,14 +891,18 @@ cr=$(printf '\r')
 read -r method target _proto || exit 0
 length=0
 expect=
+request_id=
 while IFS= read -r line; do
     line=${line%"$cr"}
     [ -z "$line" ] && break
     case $line in
         [Cc][Oo][Nn][Tt][Ee][Nn][Tt]-[Ll][Ee][Nn][Gg][Tt][Hh]:*) length=$(echo ${line#*:}) ;;
         [Ee][Xx][Pp][Ee][Cc][Tt]:*100-[Cc]ontinue*) expect=1 ;;
+        [Xx]-[Rr][Ee][Qq][Uu][Ee][Ss][Tt]-[Ii][Dd]:*) request_id=$(echo ${line#*:}) ;;
     esac
 done
+# The container log (stderr is not the connection): one line per request, with its id.
+echo "$method ${target%%\?*} request_id=${request_id:--}" >&2
 case $length in ''|*[!0-9]*) length=0 ;; esac
 [ -n "$expect" ] && printf 'HTTP/1.1 100 Continue\r\n\r\n'
 # Read the whole body: closing a socket with unread data resets it under the client's feet.
@@ -925,8 +941,9 @@ def build_echo_image(client: docker.DockerClient, tag: str = ECHO_TAG, base: str
     A container of ``base`` is created (never started), the scripts are copied in with
     put_archive, and the container is committed with CMD/EXPOSE set: no registry, no builder.
     """
-    if _image_exists(client, tag):
-        return tag
+    digest = hashlib.sha256((_ECHO_ENTRYPOINT + _ECHO_HANDLER).encode()).hexdigest()[:16]
+    if _image_label(client, tag, ECHO_DIGEST_LABEL) == digest:
+        return tag  # built from these very scripts (an older build is replaced)
     import_busybox_image(client, base)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -944,6 +961,7 @@ def build_echo_image(client: docker.DockerClient, tag: str = ECHO_TAG, base: str
                 f"EXPOSE {ECHO_PORT}/tcp",
                 f"ENV PORT={ECHO_PORT}",
                 f"LABEL {IMAGE_LABEL}=echo",
+                f"LABEL {ECHO_DIGEST_LABEL}={digest}",
             ],
         )
     finally:

@@ -2,7 +2,8 @@
 
 ``text`` (the default) is rich's console handler; ``json`` writes one JSON object per line:
 ``time`` (UTC ISO 8601), ``level``, ``logger``, ``message`` and, when known, ``pass_id``,
-``revision``, ``model``, ``environment``, ``host`` (and ``exception`` with the traceback).
+``revision``, ``model``, ``environment``, ``host`` (and ``exception`` with the traceback). An
+execution line (logger ``modelfleet.executions``) carries every field of its record as well.
 
 Context comes from a record's ``extra=`` (apply's per-action lines pass model/environment/host)
 or from :func:`log_context`, which the daemon holds around a pass (pass id, then revision). Every
@@ -91,9 +92,13 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "mf_fields", None)  # a record's own fields (an execution's, gateway/executions.py)
+        if not isinstance(fields, dict):
+            fields = {}
+        when = fields.get("time")  # an execution: when its request arrived
         data: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "time": datetime.fromtimestamp(when if isinstance(when, float) else record.created, UTC)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": redact_url(record.getMessage()),
@@ -105,6 +110,7 @@ class JsonFormatter(logging.Formatter):
                 value = context.get(name)
             if value is not None:
                 data[name] = redact_url(value) if isinstance(value, str) else value
+        data.update({k: v for k, v in fields.items() if k not in data})
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:

@@ -134,12 +134,14 @@ def make_api(daemon: Daemon, api_token: str | None, webhook_secret: str | None,
     from modelfleet.reconciler.api.artifacts import artifact_routes
     from modelfleet.reconciler.api.confirm import confirm_routes
     from modelfleet.reconciler.api.demand import demand_routes
+    from modelfleet.reconciler.api.executions import execution_routes
     from modelfleet.reconciler.api.plans import plan_routes
     from modelfleet.reconciler.api.releases import release_routes
 
     return Starlette(routes=[
         *artifact_routes(daemon.artifacts, api_token),
         *demand_routes(daemon, api_token),
+        *execution_routes(daemon, api_token),
         *plan_routes(daemon, api_token),
         *confirm_routes(daemon, api_token),
         *release_routes(daemon, api_token),

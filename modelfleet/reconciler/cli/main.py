@@ -413,6 +413,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "release": _lazy("modelfleet.reconciler.cli.release", "cmd_release"),
     "confirm": _lazy("modelfleet.reconciler.cli.release", "cmd_confirm"),
     "events": _lazy("modelfleet.reconciler.cli.events", "cmd_events"),
+    "logs": _lazy("modelfleet.reconciler.cli.logs", "cmd_logs"),
 }
 
 
@@ -457,6 +458,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true", help="keep polling (every second) and print each "
                                                                 "pass once, as it finishes")
     p.add_argument("--json", action="store_true", help="one JSON object per pass and line, with its actions")
+
+    from modelfleet.reconciler.cli.logs import add_logs_parser
+
+    add_logs_parser(sub)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the manifests (for editors)")
     p.add_argument("--output", "-o", metavar="FILE", help="write it to FILE instead of stdout")

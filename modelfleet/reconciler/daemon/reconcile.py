@@ -23,6 +23,7 @@ from modelfleet.reconciler.artifacts.store import ArtifactStore
 from modelfleet.reconciler.clock import SteadyWallClock
 from modelfleet.reconciler.config import Config
 from modelfleet.reconciler.daemon.demand import DemandBook
+from modelfleet.reconciler.daemon.executions import ExecutionJournal
 from modelfleet.reconciler.daemon.inputs import gather_inputs, plan_with_probes
 from modelfleet.reconciler.daemon.review import ReviewPlanner
 from modelfleet.reconciler.daemon.store import (
@@ -184,6 +185,7 @@ class Daemon:
         # Serverless: the gateways' load (in memory; refilled by their next reports after a restart)
         # and what the autoscaler remembers between passes.
         self.demand = DemandBook()
+        self.executions = ExecutionJournal()  # what the gateways served (api/executions.py)
         self.status.demand = self.demand
         self._scaler_memory: dict[Key, ScalerMemory] = {}
         # Model origins: uploads and repository files in a content-addressed store, HuggingFace models
@@ -227,7 +229,10 @@ class Daemon:
                     continue
                 key = route_key(row.model, row.environment)
                 if key in table:
-                    table[key].append(Backend(row.url, row.name, row.host))
+                    host = self.hosts.get(row.host)
+                    table[key].append(Backend(row.url, row.name, row.host, row.replica, row.spec_hash, row.revision,
+                                              host.location.name if host else "",
+                                              host.location.continent if host else ""))
             # What the gateways hold and overflow depends on the plan only: made once per plan, not on
             # each publish (apply threads publish as every replica becomes ready).
             if self._gateway_settings is None or self._gateway_settings[0] is not current:

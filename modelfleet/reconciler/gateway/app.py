@@ -21,7 +21,8 @@ from starlette.types import Receive, Scope, Send
 
 from modelfleet.reconciler.gateway.activator import Activator
 from modelfleet.reconciler.gateway.balancer import Balancer
-from modelfleet.reconciler.gateway.demand_client import DemandReporter
+from modelfleet.reconciler.gateway.demand_client import DemandReporter, default_gateway_id
+from modelfleet.reconciler.gateway.executions import ExecutionRecorder
 from modelfleet.reconciler.gateway.follower import RouteFeed, RouteFollower
 from modelfleet.reconciler.gateway.load import LoadMeter
 from modelfleet.reconciler.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -69,6 +70,9 @@ class Gateway:
         self.gateway_secrets = GatewaySecrets(state_dir, create=False)
         self.routes = RouteFeed(RouteFollower(state_dir), self.metrics, on_install=self._installed)
         self.activator = Activator(self.routes, self.metrics)
+        gateway_id = gateway_id or default_gateway_id()
+        self.executions = ExecutionRecorder(self.metrics, gateway_id=gateway_id, location=location,
+                                            control_plane=control_plane, token=control_plane_token)
         self.reporter: DemandReporter | None = None
         if control_plane:
             self.reporter = DemandReporter(control_plane, load=self.load, routes=self.routes,
@@ -107,10 +111,12 @@ class Gateway:
         self.proxy = Proxy(self.routes, self.balancer, self.upstream, self.metrics,
                            retry_buffer_limit=self.retry_buffer_limit, strip_authorization=self._token is not None,
                            activator=self.activator, load=self.load, hold_body_limit=self.hold_body_limit,
-                           overflow=self.overflow, gateway_secret=self.gateway_secrets.for_deployment)
+                           overflow=self.overflow, gateway_secret=self.gateway_secrets.for_deployment,
+                           executions=self.executions)
         self.routes.start()
         self.overflow.sync(self.routes.table.overflow)  # on the loop now: the health checks start
         self._poller = asyncio.ensure_future(self._poll_forever())
+        self.executions.start()
         if self.reporter is not None:
             self.reporter.start()
 
@@ -128,6 +134,7 @@ class Gateway:
                 await self._poller
             self._poller = None
         await self.overflow.aclose()
+        await self.executions.aclose()
         if self.upstream is not None:
             await self.upstream.aclose()
         self.routes.close()
@@ -144,6 +151,7 @@ class Gateway:
 
     def _installed(self, table: RouteTable) -> None:
         self.balancer.forget(set(table.routes))
+        self.metrics.forget_versions({b.spec_hash for backends in table.routes.values() for b in backends})
         self.load.sync(table.activation)
         self.overflow.sync(table.overflow)
         self.activator.installed(table)

@@ -7,6 +7,8 @@ are in the route table (unknown paths count under empty labels).
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -71,7 +73,27 @@ class GatewayMetrics:
             "modelfleet_gateway_demand_reports",
             "Demand reports sent to the control plane, by result (ok, failed)", ["result"],
             registry=self.registry)
+        # Per version (the spec hash of the replica that answered, "" when none did) and location (of
+        # its host): fed from the execution records, off the hot path (gateway/executions.py).
+        self.executions = Counter(
+            "modelfleet_gateway_executions",
+            "Inference requests by deployment, version (spec hash), location of the replica and status code",
+            ["model", "environment", "version", "location", "code"], registry=self.registry)
+        self.execution_latency = Histogram(
+            "modelfleet_gateway_execution_duration_seconds",
+            "Time from request to the last response byte, by deployment, version and location",
+            ["model", "environment", "version", "location"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.cold_starts = Counter(
+            "modelfleet_gateway_cold_starts",
+            "Requests that waited for a replica to start (activation) before being served",
+            ["model", "environment"], registry=self.registry)
+        # The overflow share: modelfleet_gateway_overflow_requests_total{target} (gateway/overflow.py).
+        self.in_flight = Gauge(
+            "modelfleet_gateway_in_flight_requests", "Requests being served now (held ones included), by deployment",
+            ["model", "environment"], registry=self.registry)
         self._requests: dict[tuple[str, str, int], Counter] = {}
+        self._in_flight: dict[tuple[str, str], Gauge] = {}
+        self._executions: dict[tuple[str, str, str, str, int], tuple[Counter, Histogram]] = {}
         self._latency: dict[tuple[str, str], Histogram] = {}
 
     def observe(self, model: str, environment: str, code: int, seconds: float) -> None:
@@ -86,6 +108,40 @@ class GatewayMetrics:
             if histogram is None:
                 histogram = self._latency[hkey] = self.latency.labels(model, environment)
             histogram.observe(seconds)
+
+    def in_flight_of(self, model: str, environment: str) -> Gauge:
+        key = (model, environment)
+        gauge = self._in_flight.get(key)
+        if gauge is None:
+            gauge = self._in_flight[key] = self.in_flight.labels(model, environment)
+        return gauge
+
+    def execution(self, model: str, environment: str, version: str, location: str, code: int, seconds: float,
+                  cold_start: bool) -> None:
+        """One execution record (not for unknown deployments: their model is '')."""
+        if not model:
+            return
+        key = (model, environment, version, location, code)
+        children = self._executions.get(key)
+        if children is None:
+            children = self._executions[key] = (
+                self.executions.labels(model, environment, version[:12], location, str(code)),
+                self.execution_latency.labels(model, environment, version[:12], location))
+        children[0].inc()
+        children[1].observe(seconds)
+        if cold_start:
+            self.cold_starts.labels(model, environment).inc()
+
+    def forget_versions(self, live: set[str]) -> None:
+        """Drop the per-version series of versions no route serves any more, so that label sets stay
+        bounded. ``live``: the spec hashes of the backends in the route table."""
+        for key in [k for k in self._executions if k[2] and k[2] not in live]:
+            del self._executions[key]
+            model, environment, version, location, code = key
+            for metric, labels in ((self.executions, (model, environment, version[:12], location, str(code))),
+                                   (self.execution_latency, (model, environment, version[:12], location))):
+                with contextlib.suppress(KeyError):
+                    metric.remove(*labels)
 
     def backend_error(self, model: str, environment: str, kind: str) -> None:
         self.backend_errors.labels(model, environment, kind).inc()

@@ -40,6 +40,7 @@ from starlette.types import Receive, Scope, Send
 from modelfleet.reconciler.gateway.activator import Activator, Outcome
 from modelfleet.reconciler.gateway.balancer import Balancer
 from modelfleet.reconciler.gateway.connections import UpstreamError, UpstreamResponse
+from modelfleet.reconciler.gateway.executions import ExecutionRecorder
 from modelfleet.reconciler.gateway.follower import RouteFeed
 from modelfleet.reconciler.gateway.load import KeyLoad, LoadMeter
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
@@ -48,6 +49,7 @@ from modelfleet.reconciler.gateway.pool import UpstreamPool
 from modelfleet.reconciler.gateway.responses import send_error
 from modelfleet.reconciler.gateway.routes import Activation, Backend, Overflow, route_key
 from modelfleet.runtimes.contract import GATEWAY_SECRET_HEADER
+from modelfleet.state.executions import valid_request_id
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -71,8 +73,10 @@ _HOP_BY_HOP = frozenset({
 # handled by the gateway itself (Expect).
 # The deployment secret header is the gateway's to add, never a client's to pass on.
 _SECRET_HEADER = GATEWAY_SECRET_HEADER.encode()
+# X-Request-Id is set once per request by the gateway (the client's, when valid).
 _REQUEST_DROP = _HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-host",
-                               b"content-length", _SECRET_HEADER}
+                               b"content-length", b"x-request-id", _SECRET_HEADER}
+_REQUEST_ID = b"x-request-id"
 _RESPONSE_DROP = _HOP_BY_HOP
 
 
@@ -91,7 +95,8 @@ class Proxy:
                  *, retry_buffer_limit: int = RETRY_BUFFER_LIMIT, strip_authorization: bool = False,
                  activator: Activator | None = None, load: LoadMeter | None = None,
                  hold_body_limit: int = HOLD_BODY_LIMIT, overflow: OverflowRouter | None = None,
-                 gateway_secret: Callable[[str, str], str | None] | None = None) -> None:
+                 gateway_secret: Callable[[str, str], str | None] | None = None,
+                 executions: ExecutionRecorder | None = None) -> None:
         self.routes = routes
         self.balancer = balancer
         self.upstream = upstream
@@ -104,6 +109,7 @@ class Proxy:
         self.hold_body_limit = max(hold_body_limit, retry_buffer_limit)
         self.overflow = overflow if overflow is not None else OverflowRouter()
         self.gateway_secret = gateway_secret  # (model, environment) -> the secret our runtimes require
+        self.executions = executions if executions is not None else ExecutionRecorder(metrics)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -129,12 +135,17 @@ class Proxy:
             activation = table.activation.get(key)
             if activation is None:
                 await _no_ready_backend(send, model, environment)
-                self.metrics.observe(model, environment, 503, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self.metrics.observe(model, environment, 503, seconds)
+                self.executions.record(self.executions.ids.new(), model, environment, 503, seconds, 0, 0, None,
+                                       False, False, False)
                 return
         meter = self._meters.get(key)  # None unless the deployment is serverless
         if meter is not None:
             meter.arrive(started)
         exchange = _Exchange()
+        in_flight = self.metrics.in_flight_of(model, environment)
+        in_flight.inc()
         status = 499  # nginx's "client closed request" when nothing else is known
         try:
             status = await self._exchange(scope, receive, send, exchange, model, environment, key, backends,
@@ -149,10 +160,17 @@ class Proxy:
             status = 499
         finally:
             exchange.close()
+            in_flight.dec()
             ended = time.perf_counter()
             if meter is not None:
                 meter.leave(ended)
             self.metrics.observe(model, environment, status, ended - started)
+            self._record(exchange, model, environment, status, ended - started)
+
+    def _record(self, exchange: _Exchange, model: str, environment: str, status: int, seconds: float) -> None:
+        self.executions.record(exchange.request_id or "-", model, environment, status, seconds, exchange.request_bytes,
+                               exchange.sent, exchange.backend, exchange.cold_start, exchange.overflow,
+                               exchange.retried)
 
     async def _handle_overflow(self, scope: Scope, receive: Receive, send: Send, model: str, environment: str,
                                key: str, settings: Overflow, target: bytes, started: float) -> None:
@@ -163,10 +181,12 @@ class Proxy:
         exchange = _Exchange()
         status = 499
         meter: KeyLoad | None = None
+        in_flight = self.metrics.in_flight_of(model, environment)
+        in_flight.inc()
         try:
             body: _RequestBody | None = None
             if reason is None:
-                headers, content_length = forward_headers(scope, self.strip_authorization)
+                headers, content_length = self._request_headers(scope, exchange)
                 body = _RequestBody(receive, exchange)
                 if not await body.read_all(content_length, self.hold_body_limit):
                     status = 413
@@ -209,10 +229,21 @@ class Proxy:
             status = 499
         finally:
             exchange.close()
+            in_flight.dec()
             ended = time.perf_counter()
             if meter is not None:
                 meter.leave(ended)
             self.metrics.observe(model, environment, status, ended - started)
+            self._record(exchange, model, environment, status, ended - started)
+
+    def _request_headers(self, scope: Scope, exchange: _Exchange) -> tuple[list[tuple[bytes, bytes]], int | None]:
+        """The headers to forward, with the request's id (decided at the first call for a request)."""
+        headers, content_length, client_id = forward_headers(scope, self.strip_authorization)
+        if exchange.request_id is None:
+            exchange.request_id = (client_id is not None and valid_request_id(client_id)) or self.executions.ids.new()
+            exchange.request_bytes = content_length or 0
+        headers.append((_REQUEST_ID, exchange.request_id.encode()))
+        return headers, content_length
 
     async def _to_endpoint(self, send: Send, exchange: _Exchange, state: EndpointState, method: bytes,
                            target: bytes, headers: list[tuple[bytes, bytes]], body: _RequestBody,
@@ -246,6 +277,7 @@ class Proxy:
                 await send_error(send, 502, "BadGateway", f"overflow endpoint of {key} failed: {exc}")
                 return 502
             state.answered(response.status, asyncio.get_running_loop().time())
+            exchange.overflow = True
             try:
                 await _relay(send, response, exchange, release)
             except UpstreamError as exc:
@@ -267,7 +299,7 @@ class Proxy:
         ``body``: the request body, already read whole (a failover from an overflow endpoint).
         """
         upstream = self.upstream
-        headers, content_length = forward_headers(scope, self.strip_authorization)
+        headers, content_length = self._request_headers(scope, exchange)
         secret = self.gateway_secret(model, environment) if self.gateway_secret is not None else None
         if secret is not None:
             headers.append((_SECRET_HEADER, secret.encode()))
@@ -280,6 +312,7 @@ class Proxy:
             if isinstance(held, int):
                 return held
             backends = held
+            exchange.cold_start = True
         elif not read:
             await body.prefetch(content_length, self.retry_buffer_limit)
         method: bytes = scope["method"].encode()
@@ -289,6 +322,7 @@ class Proxy:
             if attempt:
                 # The retry: re-read the route table first (the failed backend is likely gone from it).
                 self.metrics.retry(model, environment)
+                exchange.retried = True
                 await self.routes.refresh()
                 retry_backends = self.routes.table.routes.get(key)
                 if retry_backends is None:
@@ -306,8 +340,10 @@ class Proxy:
                     if isinstance(held, int):
                         return held
                     retry_backends = held
+                    exchange.cold_start = True
                 backends = retry_backends
             backend = balancer.pick(key, backends, avoid)
+            exchange.backend = backend
             url = backend.url
             balancer.acquire(url)
             if meter is not None:
@@ -408,10 +444,19 @@ async def _relay(send: Send, response: UpstreamResponse, exchange: _Exchange,
                  complete: Callable[[], None]) -> None:
     """Stream the response to the client; ``complete()`` runs once the backend sent it all."""
     drop = _RESPONSE_DROP
-    headers = [(name, value) for name, value in response.headers if name.lower() not in drop]
+    headers = []
+    has_id = False
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower not in drop:
+            headers.append((name, value))
+            has_id = has_id or lower == _REQUEST_ID
+    if not has_id and exchange.request_id is not None:  # the client learns the id its request is logged under
+        headers.append((_REQUEST_ID, exchange.request_id.encode()))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     while True:
         chunk, last = await response.read()
+        exchange.sent += len(chunk)
         if last:
             complete()
             exchange.finished = True
@@ -457,9 +502,12 @@ def split_query(query: bytes) -> tuple[str, bytes]:
     return environment or DEFAULT_ENVIRONMENT, b"&".join(kept)
 
 
-def forward_headers(scope: Scope, strip_authorization: bool) -> tuple[list[tuple[bytes, bytes]], int | None]:
-    """Headers to forward and the request's Content-Length (None when absent or chunked)."""
+def forward_headers(scope: Scope, strip_authorization: bool
+                    ) -> tuple[list[tuple[bytes, bytes]], int | None, bytes | None]:
+    """Headers to forward, the request's Content-Length (None when absent or chunked) and the
+    client's X-Request-Id (None when it sent none; the caller adds the one to forward)."""
     headers: list[tuple[bytes, bytes]] = []
+    request_id: bytes | None = None
     forwarded_for = b""
     host = b""
     content_length: int | None = None
@@ -477,6 +525,8 @@ def forward_headers(scope: Scope, strip_authorization: bool) -> tuple[list[tuple
             elif name == b"content-length":
                 with contextlib.suppress(ValueError):
                     content_length = int(value)
+            elif name == _REQUEST_ID:
+                request_id = value
             continue
         if name == b"x-forwarded-for":
             forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
@@ -496,15 +546,24 @@ def forward_headers(scope: Scope, strip_authorization: bool) -> tuple[list[tuple
     headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
     if host:
         headers.append((b"x-forwarded-host", host))
-    return headers, None if chunked else content_length
+    return headers, None if chunked else content_length, request_id
 
 
 class _Exchange:
     """Per-request state shared with the disconnect watcher."""
 
-    __slots__ = ("_timer", "client_gone", "finished", "task", "watcher")
+    __slots__ = ("_timer", "backend", "client_gone", "cold_start", "finished", "overflow", "request_bytes",
+                 "request_id", "retried", "sent", "task", "watcher")
 
     def __init__(self) -> None:
+        # What the execution record says (gateway/executions.py).
+        self.request_id: str | None = None
+        self.backend: Backend | None = None
+        self.request_bytes = 0
+        self.sent = 0
+        self.cold_start = False
+        self.overflow = False
+        self.retried = False
         self.task: asyncio.Task[Any] | None = asyncio.current_task()
         self.finished = False
         self.client_gone = False

@@ -37,6 +37,13 @@ class Backend:
     url: str  # http://address:port of a ready replica
     container: str
     host: str
+    # What the execution records and per-version metrics say about the replica that answered, and
+    # where it is (a gateway with gateway.location prefers its own location, then its continent).
+    replica: int | None = None
+    spec_hash: str = ""
+    revision: str = ""
+    location: str = ""
+    continent: str = ""
 
 
 DEFAULT_ACTIVATION_QUEUE = 100

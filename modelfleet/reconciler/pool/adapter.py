@@ -171,6 +171,19 @@ class HostClient:
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])[:500]
 
+    def log_lines(self, container_id: str, tail: int = 20, since: float | None = None) -> list[str]:
+        """The container's log lines (stdout and stderr, each with Docker's RFC 3339 timestamp):
+        the last ``tail``, or those after Unix time ``since``; raises DockerOperationError/HostUnavailable."""
+        options: dict[str, Any] = {"timestamps": True, "stdout": True, "stderr": True}
+        if since is not None:
+            options["since"] = since
+        else:
+            options["tail"] = tail
+        with self._translate("read logs"):
+            raw = self._docker().api.logs(container_id, **options)
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        return text.splitlines()
+
     def start(self, container_id: str) -> None:
         with self._translate("start container"):
             self._docker().api.start(container_id)

@@ -1,0 +1,185 @@
+"""Every execution observable: one record per inference request, logged, counted and sent to the daemon.
+
+The proxy calls :meth:`ExecutionRecorder.record` once per request; that only appends a tuple, so
+the hot path pays a few hundred nanoseconds. Every ``FLUSH_INTERVAL`` the recorder turns what
+accumulated into:
+
+- one log line per request on the logger ``modelfleet.executions`` (with ``logging.format: json``,
+  the fields of :class:`modelfleet.state.executions.Execution` are keys of the JSON object);
+- the per-version and per-location metrics (``GatewayMetrics.execution``);
+- a batch for the daemon (``POST /api/v1/executions``), when the gateway has a control plane.
+  While the daemon does not answer, at most ``MAX_PENDING`` records wait; older ones are dropped
+  and counted (the next batch says how many).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import time
+from collections import deque
+from typing import Any
+
+import httpx
+
+from modelfleet.reconciler.gateway.metrics import GatewayMetrics
+from modelfleet.reconciler.gateway.routes import Backend
+from modelfleet.reconciler.secrets import redact_url
+from modelfleet.state.executions import MAX_BATCH, Execution, describe
+
+log = logging.getLogger("modelfleet.gateway")
+execution_log = logging.getLogger("modelfleet.executions")
+
+EXECUTIONS_PATH = "/api/v1/executions"
+FLUSH_INTERVAL = 0.5
+MAX_PENDING = 20000  # records kept for the daemon while it does not answer
+WARN_EVERY = 60.0
+
+# The order of a record tuple (what `record` appends).
+_FIELDS = ("time", "request_id", "model", "environment", "status", "duration_ms", "request_bytes",
+           "response_bytes", "spec_hash", "revision", "host", "location", "replica", "container", "cold_start",
+           "overflow", "retry")
+
+
+class RequestIds:
+    """Request ids the gateway makes: a random prefix per process and a counter (unique, cheap)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def new(self) -> str:
+        return f"{self._prefix}-{next(self._counter):x}"
+
+
+class ExecutionRecorder:
+    def __init__(self, metrics: GatewayMetrics, *, gateway_id: str = "", location: str | None = None,
+                 control_plane: str | None = None, token: str | None = None,
+                 flush_interval: float = FLUSH_INTERVAL, max_pending: int = MAX_PENDING) -> None:
+        self.metrics = metrics
+        self.gateway_id = gateway_id
+        self.location = location
+        self.url = control_plane.rstrip("/") + EXECUTIONS_PATH if control_plane else None
+        self.flush_interval = flush_interval
+        self.ids = RequestIds()
+        self._headers = {"content-type": "application/json"}
+        if token:
+            self._headers["authorization"] = f"Bearer {token}"
+        self._new: list[tuple[Any, ...]] = []
+        self._pending: deque[dict[str, Any]] = deque(maxlen=max_pending)
+        self.dropped = 0  # records dropped since the last batch the daemon accepted
+        self.shipped = 0
+        self.failures = 0
+        self._last_warning: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    # -- the hot path ----------------------------------------------------------------------------
+
+    def record(self, request_id: str, model: str, environment: str, status: int, seconds: float,
+               request_bytes: int, response_bytes: int, backend: Backend | None, cold_start: bool,
+               overflow: bool, retry: bool) -> None:
+        now = time.time()
+        if backend is None:
+            where: tuple[Any, ...] = ("", "", "", "", None, "")
+        else:
+            where = (backend.spec_hash, backend.revision, backend.host, backend.location, backend.replica,
+                     backend.container)
+        self._new.append((now - seconds, request_id, model, environment, status, round(seconds * 1000, 3),
+                          request_bytes, response_bytes, *where, cold_start, overflow, retry))
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            if self.url is not None:
+                self._client = httpx.AsyncClient(trust_env=False, timeout=2.0, follow_redirects=False)
+            self._task = asyncio.ensure_future(self._run())
+
+    async def aclose(self) -> None:
+        """Flush what was recorded (logged and, within a short wait, sent) and stop."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.flush()
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ship(), 2.0)
+            await self._client.aclose()
+            self._client = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                self.flush()
+                await self.ship()
+            except Exception:  # never fatal: serving goes on
+                log.exception("execution records could not be flushed")
+
+    # -- off the hot path ------------------------------------------------------------------------
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Log and count what was recorded since the last flush; returns the records."""
+        new, self._new = self._new, []
+        if not new:
+            return []
+        gateway, location = self.gateway_id, self.location or ""
+        records = []
+        logging_on = execution_log.isEnabledFor(logging.INFO)
+        for row in new:
+            record = dict(zip(_FIELDS, row, strict=True))
+            record["gateway"] = gateway
+            record["gateway_location"] = location
+            records.append(record)
+            self.metrics.execution(record["model"], record["environment"], record["spec_hash"], record["location"],
+                                   record["status"], record["duration_ms"] / 1000, record["cold_start"])
+            if logging_on:
+                execution_log.info(describe(Execution.model_construct(**record)), extra={"mf_fields": record})
+        if self.url is not None:
+            if len(self._pending) + len(records) > (self._pending.maxlen or 0):
+                self.dropped += len(self._pending) + len(records) - (self._pending.maxlen or 0)
+            self._pending.extend(records)
+        return records
+
+    async def ship(self) -> bool:
+        """Send the pending records to the daemon, in batches; False when it did not take them all."""
+        client = self._client
+        if client is None or self.url is None:
+            return True
+        while self._pending:
+            batch = list(itertools.islice(self._pending, MAX_BATCH))
+            payload = json.dumps({"gateway": self.gateway_id or "gateway", "location": self.location,
+                                  "dropped": self.dropped, "executions": batch})
+            try:
+                response = await client.post(self.url, content=payload, headers=self._headers)
+            except httpx.HTTPError as exc:
+                self._failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                return False
+            if not response.is_success:
+                self._failure(f"HTTP {response.status_code}: {response.text[:200].strip()}")
+                return False
+            for _ in range(len(batch)):
+                self._pending.popleft()
+            self.shipped += len(batch)
+            self.dropped = 0
+            if self.failures:
+                log.info("execution records reach %s again (after %d failed batches)", redact_url(self.url),
+                         self.failures)
+            self.failures = 0
+            self._last_warning = None
+        return True
+
+    def _failure(self, reason: str) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        if self._last_warning is None or now - self._last_warning >= WARN_EVERY:
+            self._last_warning = now
+            log.warning("execution records to %s failed: %s (%d pending, kept up to %d; serving is not affected)",
+                        redact_url(self.url or ""), redact_url(reason), len(self._pending), self._pending.maxlen)

@@ -93,9 +93,21 @@ class GatewaySettings(_Settings):
     # API; default local_url(api.listen), with the token in api.tokenFile.
     control_plane: HttpUrl | None = None
     control_plane_token_file: ConfigPath | None = None
-    # The gateway's id in its reports (default <hostname>:<pid>) and its location, if any.
+    # The gateway's id in its reports (default <hostname>:<pid>) and its location, if any: it
+    # prefers the replicas in that location, then on its continent, then any.
     id: str | None = Field(default=None, min_length=1, max_length=200)
     location: str | None = Field(default=None, min_length=1, max_length=200)
+    # Where the route table comes from: routes.db in stateDir (a gateway on the daemon's machine),
+    # or the control plane's /api/v1/routes, long-polled and cached in cacheDir (any machine).
+    follow: Literal["stateDir", "controlPlane"] = "stateDir"
+    cache_dir: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _cache_dir_needs_control_plane(self) -> GatewaySettings:
+        if self.cache_dir is not None and self.follow != "controlPlane":
+            raise ValueError("gateway.cacheDir is where a gateway following the control plane caches its route "
+                             "table: set gateway.follow: controlPlane, or remove gateway.cacheDir")
+        return self
 
 
 class ApiSettings(_Settings):

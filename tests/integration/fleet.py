@@ -85,6 +85,7 @@ class Fleet:
     host_names: list[str]
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=Path)
+    api_token: str | None = None  # sent to the API when the config sets api.tokenFile
 
     @property
     def origin(self) -> Path:
@@ -163,6 +164,8 @@ class Fleet:
 
     def api(self, path: str, **kwargs: Any) -> httpx.Response:
         method = kwargs.pop("method", "GET")
+        if self.api_token:
+            kwargs["headers"] = {"authorization": f"Bearer {self.api_token}", **kwargs.get("headers", {})}
         try:
             return httpx.request(method, f"http://127.0.0.1:{self.api_port}{path}", timeout=5, trust_env=False,
                                  **kwargs)

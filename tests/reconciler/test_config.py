@@ -31,6 +31,8 @@ PATH_FIELDS: list[tuple[str, str, Callable[[Config], str | None], str]] = [
      "secrets/gateway"),
     ("gateway.controlPlaneTokenFile", "gateway: {controlPlaneTokenFile: secrets/api}\n",
      lambda c: c.gateway.control_plane_token_file, "secrets/api"),
+    ("gateway.cacheDir", "gateway: {follow: controlPlane, cacheDir: cache/gateway}\n",
+     lambda c: c.gateway.cache_dir, "cache/gateway"),
     ("api.tokenFile", "api: {tokenFile: secrets/api}\n", lambda c: c.api.token_file, "secrets/api"),
     ("status.tokenFile", "status: {provider: gitea, tokenFile: secrets/forge}\n", lambda c: c.status.token_file,
      "secrets/forge"),

@@ -137,6 +137,7 @@ def make_api(daemon: Daemon, api_token: str | None, webhook_secret: str | None,
     from modelfleet.reconciler.api.executions import execution_routes
     from modelfleet.reconciler.api.plans import plan_routes
     from modelfleet.reconciler.api.releases import release_routes
+    from modelfleet.reconciler.api.routes import route_table_routes
 
     return Starlette(routes=[
         *artifact_routes(daemon.artifacts, api_token),
@@ -145,6 +146,7 @@ def make_api(daemon: Daemon, api_token: str | None, webhook_secret: str | None,
         *plan_routes(daemon, api_token),
         *confirm_routes(daemon, api_token),
         *release_routes(daemon, api_token),
+        *route_table_routes(daemon, api_token),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/api/v1/status", status),

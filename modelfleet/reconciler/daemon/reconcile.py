@@ -26,6 +26,7 @@ from modelfleet.reconciler.daemon.demand import DemandBook
 from modelfleet.reconciler.daemon.executions import ExecutionJournal
 from modelfleet.reconciler.daemon.inputs import gather_inputs, plan_with_probes
 from modelfleet.reconciler.daemon.review import ReviewPlanner
+from modelfleet.reconciler.daemon.route_watch import RouteWatch
 from modelfleet.reconciler.daemon.store import (
     FACT_FAILED_ROLLOUTS,
     FACT_LAST_APPLIED,
@@ -166,6 +167,7 @@ class Daemon:
         self.state_dir = Path(config.state_dir)
         self.store = Store(self.state_dir)
         self.routes = RouteStore(self.state_dir)
+        self.route_watch = RouteWatch()
         self.source = GitSource(config.repo.url, config.repo.branch, self.state_dir, timeout=config.repo.fetch_timeout)
         self.hosts = {h.name: h for h in config.pool.hosts}
         self.clients = {h.name: HostClient(h, timeout=config.docker.timeout) for h in config.pool.hosts}
@@ -238,8 +240,10 @@ class Daemon:
             if self._gateway_settings is None or self._gateway_settings[0] is not current:
                 self._gateway_settings = (current, *_gateway_settings(current))
             _, activation, overflow = self._gateway_settings
-            return self.routes.publish({k: tuple(sorted(v, key=lambda b: b.container)) for k, v in table.items()},
-                                       activation=activation, overflow=overflow)
+            version = self.routes.publish({k: tuple(sorted(v, key=lambda b: b.container)) for k, v in table.items()},
+                                          activation=activation, overflow=overflow)
+            self.route_watch.published(version)  # the long-polls of remote gateways answer now
+            return version
 
     # --- the pass -------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from prometheus_client import Gauge
 
-from modelfleet.reconciler.gateway.follower import RouteFeed
+from modelfleet.reconciler.gateway.follower import TableFeed
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.routes import Activation, Backend, RouteTable
 
@@ -55,7 +55,7 @@ class Activator:
     """Requests held per route key. ``on_activate(key)``: a deployment starts holding requests (or
     turns one away while holding none, when its queue is 0)."""
 
-    def __init__(self, routes: RouteFeed, metrics: GatewayMetrics,
+    def __init__(self, routes: TableFeed, metrics: GatewayMetrics,
                  on_activate: Callable[[str], None] | None = None) -> None:
         self.routes = routes
         self.metrics = metrics

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,16 @@ from modelfleet.reconciler.gateway.activator import Activator
 from modelfleet.reconciler.gateway.balancer import Balancer
 from modelfleet.reconciler.gateway.demand_client import DemandReporter, default_gateway_id
 from modelfleet.reconciler.gateway.executions import ExecutionRecorder
-from modelfleet.reconciler.gateway.follower import RouteFeed, RouteFollower
+from modelfleet.reconciler.gateway.follower import RouteFeed, RouteFollower, TableFeed
 from modelfleet.reconciler.gateway.load import LoadMeter
 from modelfleet.reconciler.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.overflow import OverflowRouter
 from modelfleet.reconciler.gateway.pool import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, UpstreamPool
 from modelfleet.reconciler.gateway.proxy import HOLD_BODY_LIMIT, RETRY_BUFFER_LIMIT, Proxy
+from modelfleet.reconciler.gateway.remote_routes import RemoteRouteFeed
 from modelfleet.reconciler.gateway.responses import send_error, send_json
-from modelfleet.reconciler.gateway.routes import RouteTable
+from modelfleet.reconciler.gateway.routes import RouteTable, route_key
 from modelfleet.reconciler.secrets import GatewaySecrets, bearer_token_matches, redact_url
 from modelfleet.state.demand import REPORT_INTERVAL
 
@@ -60,15 +62,36 @@ class Gateway:
         gateway_id: str | None = None,
         location: str | None = None,
         report_interval: float = REPORT_INTERVAL,
+        follow: str = "stateDir",
+        cache_dir: str | Path | None = None,
+        continent: str | None = None,
     ) -> None:
-        """``control_plane``: the daemon's API URL to send demand reports to (none sent without it)."""
+        """``control_plane``: the daemon's API URL to send demand reports to (none sent without it).
+
+        ``follow``: ``stateDir`` (routes.db in ``state_dir``, a gateway on the daemon's machine) or
+        ``controlPlane`` (long-polled from ``control_plane``, cached in ``cache_dir``). ``location``
+        (and its ``continent``, when the table does not say): the replicas this gateway prefers.
+        """
         self.balancer = Balancer()
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         self.load = LoadMeter()
         self.overflow = OverflowRouter(self.metrics.registry)  # deployments with an on-prem endpoint
-        # The deployments' secrets, from the daemon's key in the same stateDir (read, never made here).
-        self.gateway_secrets = GatewaySecrets(state_dir, create=False)
-        self.routes = RouteFeed(RouteFollower(state_dir), self.metrics, on_install=self._installed)
+        self.routes: TableFeed
+        self.gateway_secret: Callable[[str, str], str | None]
+        if follow == "controlPlane":
+            if not control_plane:
+                raise ValueError("following the control plane's route table needs its URL (gateway.controlPlane)")
+            self.routes = RemoteRouteFeed(control_plane, cache_dir or Path(state_dir) / "gateway-cache", self.metrics,
+                                          on_install=self._installed, token=control_plane_token, location=location,
+                                          continent=continent)
+            self.gateway_secret = self._secret_from_table  # a remote machine has not the daemon's key
+        elif follow == "stateDir":
+            # The deployments' secrets, from the daemon's key in the same stateDir (read, never made here).
+            self.gateway_secret = GatewaySecrets(state_dir, create=False).for_deployment
+            self.routes = RouteFeed(RouteFollower(state_dir), self.metrics, on_install=self._installed,
+                                    location=location, continent=continent)
+        else:
+            raise ValueError(f"follow must be stateDir or controlPlane, not {follow!r}")
         self.activator = Activator(self.routes, self.metrics)
         gateway_id = gateway_id or default_gateway_id()
         self.executions = ExecutionRecorder(self.metrics, gateway_id=gateway_id, location=location,
@@ -91,9 +114,8 @@ class Gateway:
         self.proxy: Proxy | None = None
         self._poller: asyncio.Task[None] | None = None
 
-    @property
-    def follower(self) -> RouteFollower:
-        return self.routes.follower
+    def _secret_from_table(self, model: str, environment: str) -> str | None:
+        return self.routes.table.secrets.get(route_key(model, environment))
 
     @property
     def table(self) -> RouteTable:
@@ -111,7 +133,7 @@ class Gateway:
         self.proxy = Proxy(self.routes, self.balancer, self.upstream, self.metrics,
                            retry_buffer_limit=self.retry_buffer_limit, strip_authorization=self._token is not None,
                            activator=self.activator, load=self.load, hold_body_limit=self.hold_body_limit,
-                           overflow=self.overflow, gateway_secret=self.gateway_secrets.for_deployment,
+                           overflow=self.overflow, gateway_secret=self.gateway_secret,
                            executions=self.executions)
         self.routes.start()
         self.overflow.sync(self.routes.table.overflow)  # on the loop now: the health checks start
@@ -137,7 +159,7 @@ class Gateway:
         await self.executions.aclose()
         if self.upstream is not None:
             await self.upstream.aclose()
-        self.routes.close()
+        await self.routes.aclose()
 
     async def _poll_forever(self) -> None:
         while True:
@@ -230,6 +252,8 @@ class Gateway:
             "published_at": table.published_at or None,
             "age_seconds": round(now - table.published_at, 3) if table.published_at else None,
             "loaded_at": self.routes.loaded_at or None,
+            "source": self.routes.source,
+            "location": self.routes.location,
             "error": self.routes.error,
             "upstream": {"parser": self.upstream.parser if self.upstream else None,
                          "connections": self.upstream.connections if self.upstream else 0},

@@ -22,7 +22,7 @@ import time
 import httpx
 
 from modelfleet.reconciler.gateway.activator import Activator
-from modelfleet.reconciler.gateway.follower import RouteFeed
+from modelfleet.reconciler.gateway.follower import TableFeed
 from modelfleet.reconciler.gateway.load import LoadMeter
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.overflow import OverflowRouter
@@ -49,7 +49,7 @@ def demand_url(control_plane: str) -> str:
 class DemandReporter:
     """Sends the gateway's demand reports; :meth:`start` and :meth:`aclose` run on the event loop."""
 
-    def __init__(self, control_plane: str, *, load: LoadMeter, routes: RouteFeed, activator: Activator,
+    def __init__(self, control_plane: str, *, load: LoadMeter, routes: TableFeed, activator: Activator,
                  metrics: GatewayMetrics, token: str | None = None, gateway_id: str | None = None,
                  location: str | None = None, interval: float = REPORT_INTERVAL,
                  timeout: float = REPORT_TIMEOUT, overflow: OverflowRouter | None = None) -> None:

@@ -1,7 +1,9 @@
 """Following the route table the daemon publishes in ``<stateDir>/routes.db``, keeping the last one read.
 
 :class:`RouteFollower` reads the file (blocking); :class:`RouteFeed` holds the table being served
-and refreshes it from a worker thread, so the event loop never waits for SQLite.
+and refreshes it from a worker thread, so the event loop never waits for SQLite. :class:`TableFeed`
+is what every feed shares (the one over HTTP is gateway/remote_routes.py): the table being served,
+as this gateway's location prefers it.
 """
 
 from __future__ import annotations
@@ -90,23 +92,82 @@ class RouteFollower:
         self.error = error
 
 
-class RouteFeed:
-    """The route table being served, refreshed from ``follower`` in a worker thread.
+class TableFeed:
+    """The route table being served.
 
     Requests read :attr:`table` once and keep that table for their whole exchange; a new table
-    replaces it in one assignment. ``on_install`` is called with each new table.
+    replaces it in one assignment. ``on_install`` is called with each new table. With a
+    ``location`` (gateway.location), each deployment is served by its backends nearest to it
+    (``RouteTable.preferring``; ``continent``: that of the location, when the table does not say).
     """
 
-    def __init__(self, follower: RouteFollower, metrics: GatewayMetrics,
-                 on_install: Callable[[RouteTable], None] | None = None) -> None:
-        self.follower = follower
+    source = ""  # where tables come from, for the logs and /routes
+
+    def __init__(self, metrics: GatewayMetrics, on_install: Callable[[RouteTable], None] | None = None, *,
+                 location: str | None = None, continent: str | None = None) -> None:
         self.metrics = metrics
         self.table = RouteTable(0, {})
         self.loaded_at = 0.0
+        self.location = location
+        self.continent = continent
         self._on_install = on_install
+        self._unknown_location_warned = False
+
+    @property
+    def error(self) -> str | None:
+        """Why the table cannot be read now (the last one is still served), else None."""
+        return None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def refresh(self) -> None:
+        """Bring the table up to date now (the retry of a failed request calls it)."""
+
+    def _install(self, table: RouteTable) -> None:
+        previous = self.table
+        if self.location:
+            continent = self.continent or table.locations.get(self.location)
+            if continent is None and not self._unknown_location_warned:
+                self._unknown_location_warned = True
+                log.warning("gateway.location %s is the location of no pool host: requests go to the replicas in "
+                            "that location when there are any, else to any replica", self.location)
+            table = table.preferring(self.location, continent)
+        self.table = table  # the swap: requests read self.table once
+        self.loaded_at = time.time()
+        if self._on_install is not None:
+            self._on_install(table)
+        self.metrics.route_table_version.set(table.version)
+        self.metrics.route_table_published.set(table.published_at)
+        log.info("route table version %d (%d deployments, %d ready backends), was %d", table.version,
+                 len(table.routes), sum(len(b) for b in table.routes.values()), previous.version)
+
+
+class RouteFeed(TableFeed):
+    """The route table of ``<stateDir>/routes.db``, refreshed from ``follower`` in a worker thread.
+
+    Besides the gateway's periodic refresh, changes to the file (inotify, through watchfiles) start
+    a read at once: a published table is served within a few milliseconds. Where the directory
+    cannot be watched, the periodic refresh alone follows it.
+    """
+
+    def __init__(self, follower: RouteFollower, metrics: GatewayMetrics,
+                 on_install: Callable[[RouteTable], None] | None = None, *,
+                 location: str | None = None, continent: str | None = None) -> None:
+        super().__init__(metrics, on_install, location=location, continent=continent)
+        self.follower = follower
+        self.source = str(follower.path)
         self._executor: ThreadPoolExecutor | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._refresh_waiters: asyncio.Future[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._stop_watching: asyncio.Event | None = None
 
     @property
     def error(self) -> str | None:
@@ -119,8 +180,44 @@ class RouteFeed:
         table = self.follower.poll()
         if table is not None:
             self._install(table)
+        with contextlib.suppress(RuntimeError):  # no running loop: the periodic refresh only
+            asyncio.get_running_loop()
+            self._stop_watching = asyncio.Event()
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        import watchfiles
+
+        directory = self.follower.state_dir
+        stop = self._stop_watching
+        assert stop is not None
+        name = self.follower.path.name
+        while not stop.is_set():
+            if not directory.is_dir():  # the daemon has not made its stateDir yet
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                async for _ in watchfiles.awatch(directory, stop_event=stop, debounce=1, step=1, rust_timeout=500,
+                                                 watch_filter=lambda _, path: os.path.basename(path).startswith(name),
+                                                 recursive=False, ignore_permission_denied=True):
+                    await self.refresh()
+            except Exception as exc:  # inotify limits, the directory replaced: the periodic refresh goes on
+                log.info("not watching %s (%s); following it every refresh interval", directory, exc)
+                await asyncio.sleep(5.0)
+
+    async def aclose(self) -> None:
+        if self._stop_watching is not None:
+            self._stop_watching.set()
+        if self._watcher is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._watcher, 2.0)
+            self._watcher = None
+        self.close()
 
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self._executor is not None:
             executor = self._executor
             self._executor = None
@@ -155,14 +252,3 @@ class RouteFeed:
             finally:
                 if not waiters.done():
                     waiters.set_result(None)
-
-    def _install(self, table: RouteTable) -> None:
-        previous = self.table
-        self.table = table  # the swap: requests read self.table once
-        self.loaded_at = time.time()
-        if self._on_install is not None:
-            self._on_install(table)
-        self.metrics.route_table_version.set(table.version)
-        self.metrics.route_table_published.set(table.published_at)
-        log.info("route table version %d (%d deployments, %d ready backends), was %d", table.version,
-                 len(table.routes), sum(len(b) for b in table.routes.values()), previous.version)

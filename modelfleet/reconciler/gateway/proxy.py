@@ -41,7 +41,7 @@ from modelfleet.reconciler.gateway.activator import Activator, Outcome
 from modelfleet.reconciler.gateway.balancer import Balancer
 from modelfleet.reconciler.gateway.connections import UpstreamError, UpstreamResponse
 from modelfleet.reconciler.gateway.executions import ExecutionRecorder
-from modelfleet.reconciler.gateway.follower import RouteFeed
+from modelfleet.reconciler.gateway.follower import TableFeed
 from modelfleet.reconciler.gateway.load import KeyLoad, LoadMeter
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.overflow import FAILOVER, EndpointState, OverflowRouter
@@ -91,7 +91,7 @@ class Proxy:
     own token, which is not the backend's business).
     """
 
-    def __init__(self, routes: RouteFeed, balancer: Balancer, upstream: UpstreamPool, metrics: GatewayMetrics,
+    def __init__(self, routes: TableFeed, balancer: Balancer, upstream: UpstreamPool, metrics: GatewayMetrics,
                  *, retry_buffer_limit: int = RETRY_BUFFER_LIMIT, strip_authorization: bool = False,
                  activator: Activator | None = None, load: LoadMeter | None = None,
                  hold_body_limit: int = HOLD_BODY_LIMIT, overflow: OverflowRouter | None = None,
@@ -324,7 +324,9 @@ class Proxy:
                 self.metrics.retry(model, environment)
                 exchange.retried = True
                 await self.routes.refresh()
-                retry_backends = self.routes.table.routes.get(key)
+                table = self.routes.table
+                # Every backend, not only the nearest ones: those may be what failed.
+                retry_backends = table.fallback.get(key) or table.routes.get(key)
                 if retry_backends is None:
                     await _deployment_not_found(send, model, environment)
                     return 404

@@ -23,11 +23,12 @@ import contextlib
 import json
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from modelfleet.reconciler.statedir import rollback, translated
-from modelfleet.state.routes import route_key
+from modelfleet.state.routes import prefer_nearby, route_key
 
 ROUTES_DB = "routes.db"
 
@@ -141,6 +142,13 @@ class RouteTable:
     activation: dict[str, Activation] = field(default_factory=dict)
     # route_key -> overflow settings, for the deployments among `routes` with an on-prem endpoint
     overflow: dict[str, Overflow] = field(default_factory=dict)
+    # Only in tables followed over HTTP (`to_payload`), never in routes.db: route_key -> the
+    # deployment's gateway secret (a gateway on another machine has not the daemon's key), and
+    # location name -> continent of the pool's hosts (where a gateway's own location is).
+    secrets: dict[str, str] = field(default_factory=dict)
+    locations: dict[str, str] = field(default_factory=dict)
+    # Set by `preferring`: route_key -> every backend, where `routes` holds the preferred ones only.
+    fallback: dict[str, tuple[Backend, ...]] = field(default_factory=dict)
 
     def backends(self, model: str, environment: str) -> tuple[Backend, ...] | None:
         """None: no such deployment. Empty: the deployment exists but no replica is ready."""
@@ -175,6 +183,47 @@ class RouteTable:
                           published_at, {k: Activation(int(a["queue"]), float(a["timeout"]))
                                          for k, a in settings.items()},
                           {k: Overflow.from_dict(o) for k, o in overflows.items()})
+
+
+    def to_payload(self) -> dict[str, object]:
+        """The table as ``GET /api/v1/routes`` sends it (and a remote gateway caches it)."""
+        return {"version": self.version, "published_at": self.published_at,
+                "routes": {k: [b.__dict__ for b in v] for k, v in sorted(self.routes.items())},
+                "activation": {k: {"queue": a.queue, "timeout": a.timeout} for k, a in sorted(self.activation.items())},
+                "overflow": {k: o.to_dict() for k, o in sorted(self.overflow.items())},
+                "secrets": dict(sorted(self.secrets.items())), "locations": dict(sorted(self.locations.items()))}
+
+    @staticmethod
+    def from_payload(data: dict[str, Any]) -> RouteTable:
+        """The inverse of :meth:`to_payload`; raises ValueError/KeyError/TypeError on a malformed one."""
+        if not isinstance(data, dict) or not isinstance(data.get("routes"), dict):
+            raise ValueError("not a route table: no routes")
+        return RouteTable(
+            int(data["version"]),
+            {str(k): tuple(Backend(**b) for b in v) for k, v in data["routes"].items()},
+            float(data.get("published_at") or 0.0),
+            {str(k): Activation(int(a["queue"]), float(a["timeout"]))
+             for k, a in (data.get("activation") or {}).items()},
+            {str(k): Overflow.from_dict(o) for k, o in (data.get("overflow") or {}).items()},
+            {str(k): str(v) for k, v in (data.get("secrets") or {}).items()},
+            {str(k): str(v) for k, v in (data.get("locations") or {}).items()})
+
+    def preferring(self, location: str | None, continent: str | None = None) -> RouteTable:
+        """The table as a gateway in ``location`` serves it: each deployment's backends in that
+        location if it has any, else those on its continent, else all of them (the rest stay in
+        ``fallback``, for a retry when every preferred one fails). ``continent`` defaults to that
+        of ``location`` among ``locations``."""
+        if not location:
+            return self
+        continent = continent or self.locations.get(location)
+        routes: dict[str, tuple[Backend, ...]] = {}
+        fallback: dict[str, tuple[Backend, ...]] = {}
+        for key, backends in self.routes.items():
+            preferred = prefer_nearby(backends, location, continent, lambda b: (b.location, b.continent))
+            routes[key] = preferred
+            if len(preferred) != len(backends):
+                fallback[key] = backends
+        return replace(self, routes=routes, fallback=fallback)
 
 
 class RouteStore:

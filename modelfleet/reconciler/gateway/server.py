@@ -94,10 +94,13 @@ def create_gateway(config: Config, *, read_timeout: float | None = None,
     if read_timeout is None:
         read_timeout = float(getattr(config.gateway, "read_timeout", None) or DEFAULT_READ_TIMEOUT)
     settings = config.gateway
+    # The continent of gateway.location, from the pool (a table followed over HTTP says it too).
+    continent = next((h.location.continent for h in config.pool.hosts if h.location.name == settings.location), None)
     return Gateway(config.state_dir, token=read_token(settings.token_file), read_timeout=read_timeout,
                    poll_interval=poll_interval, control_plane=settings.control_plane or local_url(config.api.listen),
                    control_plane_token=read_control_plane_token(config), gateway_id=settings.id,
-                   location=settings.location)
+                   location=settings.location, follow=settings.follow, cache_dir=settings.cache_dir,
+                   continent=continent)
 
 
 class GatewayServer(uvicorn.Server):
@@ -140,7 +143,7 @@ def run_gateway(config: Config, *, read_timeout: float | None = None) -> None:
         raise GatewayError(f"gateway.listen: {exc}") from None
     app = create_gateway(config, read_timeout=read_timeout)
     sock = bind_socket(host, port)
-    log.info("gateway listening on %s:%d, following %s%s", host, port, app.follower.path,
+    log.info("gateway listening on %s:%d, following %s%s", host, port, app.routes.source,
              " (bearer token required)" if config.gateway.token_file else "")
     if app.reporter is not None:
         log.info("gateway %s reports demand to %s", app.reporter.gateway_id, redact_url(app.reporter.url))

@@ -73,3 +73,15 @@ def test_starts_without_routes_db_and_follows_it_once_published(backends: Any, m
     gw.wait_version(gw.publish({"m/production": (route(a),)}))
     assert who(gw.client.get("/models/m/x")) == "a"
 
+
+
+def test_a_published_table_is_picked_up_at_once_without_waiting_for_the_refresh_interval(
+        make_gateway: Any, backends: Any) -> None:
+    _, a = backends("a")
+    # A refresh interval of a minute: only the watch of routes.db can bring the next table in time.
+    gw = make_gateway({"m/production": ()}, poll_interval=60)
+    time.sleep(0.3)  # the watch is set up
+    for _ in range(3):
+        version = gw.publish({"m/production": (route(a),)}) if gw.app.table.routes["m/production"] == () else \
+            gw.publish({"m/production": ()})
+        gw.wait_version(version, timeout=3)

@@ -17,7 +17,7 @@ def test_create_gateway_from_the_config(tmp_path: Path) -> None:
     config = parse_config(f"stateDir: {tmp_path}/state\ngateway: {{listen: 127.0.0.1:0, tokenFile: token}}\n",
                           base_dir=tmp_path)
     app = create_gateway(config)
-    assert app.follower.path == tmp_path / "state" / ROUTES_DB
+    assert app.routes.source == str(tmp_path / "state" / ROUTES_DB)
     assert app._token == b"abc"
     missing = parse_config("gateway: {tokenFile: nope}\n", base_dir=tmp_path)
     with pytest.raises(GatewayError, match="tokenFile"):

@@ -87,6 +87,8 @@ def route_table_routes(daemon: Daemon, api_token: str | None) -> list[Route]:
             if answer is not None and f'"{answer[0]}"' != known:
                 return Response(answer[1], media_type="application/json", headers={"etag": f'"{answer[0]}"'})
             left = deadline - loop.time()
+            if daemon.route_watch.closed:
+                return JSONResponse({"error": "the daemon is stopping"}, status_code=503, headers={"retry-after": "1"})
             if left <= 0:
                 if answer is None:
                     return JSONResponse({"error": "no route table published yet"}, status_code=503,

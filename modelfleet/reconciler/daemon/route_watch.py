@@ -17,6 +17,7 @@ RECHECK = 1.0
 class RouteWatch:
     def __init__(self) -> None:
         self.version = 0
+        self.closed = False  # the daemon is stopping: long-polls end now, not at their timeout
         self._lock = threading.Lock()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
@@ -26,6 +27,16 @@ class RouteWatch:
                 return
             self.version = version
             waiters, self._waiters = self._waiters, []
+        self._wake_all(waiters)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            waiters, self._waiters = self._waiters, []
+        self._wake_all(waiters)
+
+    @staticmethod
+    def _wake_all(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
         for loop, future in waiters:
             with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(_wake, future)
@@ -35,6 +46,8 @@ class RouteWatch:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
+            if self.closed:
+                return
             self._waiters.append((loop, future))
         try:
             await asyncio.wait_for(future, min(timeout, RECHECK))

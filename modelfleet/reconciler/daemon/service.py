@@ -273,6 +273,7 @@ def run_daemon(config: Config, config_path: str, *, once: bool = False) -> int:
                 timer.start()
     finally:
         scheduler.shutdown(wait=False)
+        daemon.route_watch.close()  # remote gateways' long-polls end now (they keep their table)
         server.should_exit = True
         if supervisor is not None:
             supervisor.terminate()

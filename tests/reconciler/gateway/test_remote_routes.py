@@ -158,3 +158,17 @@ def test_a_remote_gateway_serves_through_a_daemon_outage_and_starts_from_its_cac
     second = make_gateway(None, **options)
     assert second.app.table.version == version
     assert second.client.post("/models/m/predict").json()["backend"] == "a"
+
+
+def test_a_stopping_daemon_ends_the_long_polls_at_once(tmp_path: Path, servers: list[ServerThread]) -> None:
+    from tests.reconciler.gateway.harness import InBackground
+
+    plane = ControlPlane(tmp_path)
+    servers.append(api := plane.start())
+    version = plane.publish({KEY: ()})
+    waiting = InBackground(api.url, "GET", "/api/v1/routes?wait=30",
+                           headers={"authorization": f"Bearer {TOKEN}", "if-none-match": f'"{version}"'})
+    time.sleep(0.2)
+    plane.daemon.route_watch.close()
+    answer = waiting.result(timeout=5)  # not after the 30 s wait
+    assert answer.status_code == 503 and answer.json()["error"] == "the daemon is stopping"

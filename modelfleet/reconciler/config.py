@@ -100,6 +100,8 @@ class GatewaySettings(_Settings):
     # Where the route table comes from: routes.db in stateDir (a gateway on the daemon's machine),
     # or the control plane's /api/v1/routes, long-polled and cached in cacheDir (any machine).
     follow: Literal["stateDir", "controlPlane"] = "stateDir"
+    # Worker processes sharing gateway.listen (SO_REUSEPORT); default: the number of cores.
+    workers: int | None = Field(default=None, ge=1, le=64)
     cache_dir: ConfigPath | None = None
 
     @model_validator(mode="after")

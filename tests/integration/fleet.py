@@ -260,7 +260,8 @@ def make_fleet(root: Path, hosts: list[TestHost], **settings: Any) -> Fleet:
         "repo": {"url": str(origin), "branch": "main", "pollInterval": "2s", "watch": True},
         "stateDir": str(root / "state"),
         "pool": {"hosts": pool},
-        "gateway": {"listen": f"127.0.0.1:{gateway_port}"},
+        # One worker: tests look at the gateway's held requests and demand as one process's.
+        "gateway": {"listen": f"127.0.0.1:{gateway_port}", "workers": 1},
         "api": {"listen": f"127.0.0.1:{api_port}"},
         "status": {"provider": "git-notes"},
         "rollout": {"healthyDeadline": "6s"},

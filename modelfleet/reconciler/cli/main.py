@@ -288,11 +288,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from modelfleet.reconciler.gateway.server import GatewayError, run_gateway
+    from modelfleet.reconciler.gateway.server import GatewayError, gateway_workers, run_gateway, run_gateway_workers
+    from modelfleet.reconciler.gateway.workers import worker_index
 
     config = _load_config_or_exit(args.config)
     _setup_logging(config, args.verbose)
     try:
+        workers = gateway_workers(config)
+        if workers > 1 and worker_index() is None:
+            return run_gateway_workers(config, str(Path(args.config).resolve()), workers, args.verbose)
         run_gateway(config)
     except GatewayError as exc:
         err.print(f"modelfleet gateway: {exc}", markup=False)

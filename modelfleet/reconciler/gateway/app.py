@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -193,7 +194,8 @@ class Gateway:
                     return
                 await self.proxy.handle(scope, receive, send)
             elif path == "/healthz":
-                await send_json(send, 200, {"status": "ok", "route_table_version": self.routes.table.version})
+                await send_json(send, 200, {"status": "ok", "route_table_version": self.routes.table.version,
+                                            "pid": os.getpid()})
             elif path == "/metrics":
                 payload = self.metrics.render()
                 await send({"type": "http.response.start", "status": 200, "headers": [

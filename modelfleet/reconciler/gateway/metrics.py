@@ -8,6 +8,7 @@ are in the route table (unknown paths count under empty labels).
 from __future__ import annotations
 
 import contextlib
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -41,13 +42,15 @@ class GatewayMetrics:
             ["model", "environment"], registry=self.registry)
         self.route_table_version = Gauge(
             "modelfleet_gateway_route_table_version", "Version of the route table being served",
-            registry=self.registry)
+            registry=self.registry, multiprocess_mode="livemin")  # workers: the one most behind
         self.route_table_published = Gauge(
             "modelfleet_gateway_route_table_published_timestamp_seconds",
-            "When the route table being served was published (Unix time)", registry=self.registry)
+            "When the route table being served was published (Unix time)", registry=self.registry,
+            multiprocess_mode="livemin")
         self.route_table_read_failing = Gauge(
             "modelfleet_gateway_route_table_read_failing",
-            "1 while routes.db is missing or unreadable (the last table read is kept)", registry=self.registry)
+            "1 while the route table cannot be read (routes.db, or the control plane; the last one is kept)",
+            registry=self.registry, multiprocess_mode="livemax")
         # Serverless activation (requests held while a deployment has no ready replica) and demand reports.
         self.activations = Counter(
             "modelfleet_gateway_activations",
@@ -56,7 +59,7 @@ class GatewayMetrics:
         self.held_requests = Gauge(
             "modelfleet_gateway_activation_held_requests",
             "Requests held now, waiting for a replica of their serverless deployment to become ready",
-            ["model", "environment"], registry=self.registry)
+            ["model", "environment"], registry=self.registry, multiprocess_mode="livesum")
         self.activation_timeouts = Counter(
             "modelfleet_gateway_activation_timeouts",
             "Held requests answered 503 because no replica became ready within the activation timeout",
@@ -90,7 +93,7 @@ class GatewayMetrics:
         # The overflow share: modelfleet_gateway_overflow_requests_total{target} (gateway/overflow.py).
         self.in_flight = Gauge(
             "modelfleet_gateway_in_flight_requests", "Requests being served now (held ones included), by deployment",
-            ["model", "environment"], registry=self.registry)
+            ["model", "environment"], registry=self.registry, multiprocess_mode="livesum")
         self._requests: dict[tuple[str, str, int], Counter] = {}
         self._in_flight: dict[tuple[str, str], Gauge] = {}
         self._executions: dict[tuple[str, str, str, str, int], tuple[Counter, Histogram]] = {}
@@ -166,4 +169,11 @@ class GatewayMetrics:
         self.hold_duration.labels(model, environment).observe(seconds)
 
     def render(self) -> bytes:
+        """The metrics of this gateway; with several workers (gateway/workers.py), of all of them."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined)
+            return generate_latest(combined)
         return generate_latest(self.registry)

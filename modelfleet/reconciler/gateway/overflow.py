@@ -65,7 +65,7 @@ class OverflowMetrics:
         self.healthy = Gauge(
             "modelfleet_gateway_overflow_endpoint_healthy",
             "1 while the deployment's overflow endpoint gets traffic (healthy, not ejected), else 0",
-            ["model", "environment"], registry=registry)
+            ["model", "environment"], registry=registry, multiprocess_mode="livemin")
 
 
 class EndpointState:

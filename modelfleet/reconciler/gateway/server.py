@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ import uvicorn
 from modelfleet.reconciler.config import Config, local_url, parse_listen
 from modelfleet.reconciler.gateway.app import DEFAULT_POLL_INTERVAL, Gateway
 from modelfleet.reconciler.gateway.pool import DEFAULT_READ_TIMEOUT
+from modelfleet.reconciler.gateway.workers import WorkerSupervisor, worker_index
 from modelfleet.reconciler.secrets import read_secret, redact_url
 
 log = logging.getLogger("modelfleet.gateway")
@@ -63,7 +65,8 @@ def read_control_plane_token(config: Config) -> str | None:
     return token
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A socket bound to ``host:port``; ``reuse_port``: shared with the other workers (SO_REUSEPORT)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
@@ -72,6 +75,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise GatewayError(f"gateway.listen: cannot resolve {host}:{port}: {exc}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # Inherited by accepted connections: no Nagle delay between a response's header and body writes.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if family == socket.AF_INET6:
@@ -94,11 +99,15 @@ def create_gateway(config: Config, *, read_timeout: float | None = None,
     if read_timeout is None:
         read_timeout = float(getattr(config.gateway, "read_timeout", None) or DEFAULT_READ_TIMEOUT)
     settings = config.gateway
+    gateway_id = settings.id
+    worker = worker_index()
+    if worker is not None and gateway_id:  # one id per worker: the daemon sums gateways
+        gateway_id = f"{gateway_id}-w{worker}"
     # The continent of gateway.location, from the pool (a table followed over HTTP says it too).
     continent = next((h.location.continent for h in config.pool.hosts if h.location.name == settings.location), None)
     return Gateway(config.state_dir, token=read_token(settings.token_file), read_timeout=read_timeout,
                    poll_interval=poll_interval, control_plane=settings.control_plane or local_url(config.api.listen),
-                   control_plane_token=read_control_plane_token(config), gateway_id=settings.id,
+                   control_plane_token=read_control_plane_token(config), gateway_id=gateway_id,
                    location=settings.location, follow=settings.follow, cache_dir=settings.cache_dir,
                    continent=continent)
 
@@ -130,6 +139,25 @@ def build_server(app: Callable[..., Any], host: str, port: int, *, log_level: st
     return GatewayServer(config)
 
 
+def gateway_workers(config: Config) -> int:
+    """How many worker processes ``gateway.workers`` asks for (default: the number of cores)."""
+    return config.gateway.workers or os.cpu_count() or 1
+
+
+def run_gateway_workers(config: Config, config_path: str, workers: int, verbose: bool = False) -> int:
+    """Serve with ``workers`` processes on ``gateway.listen`` (gateway/workers.py); the exit code.
+
+    The port is tried first without SO_REUSEPORT: one in use (by anything, another gateway's workers
+    included) is an error now, not a second group of workers sharing it."""
+    try:
+        host, port = parse_listen(config.gateway.listen)
+    except ValueError as exc:
+        raise GatewayError(f"gateway.listen: {exc}") from None
+    bind_socket(host, port).close()
+    read_token(config.gateway.token_file)  # a bad token file is one clear error, not one per worker
+    return WorkerSupervisor(config_path, config.state_dir, workers, verbose).run()
+
+
 def run_gateway(config: Config, *, read_timeout: float | None = None) -> None:
     """Serve the gateway on ``config.gateway.listen`` until SIGINT/SIGTERM (then drain, ≤ 30 s).
 
@@ -142,7 +170,7 @@ def run_gateway(config: Config, *, read_timeout: float | None = None) -> None:
     except ValueError as exc:  # the config validates it; a Config built by hand may not
         raise GatewayError(f"gateway.listen: {exc}") from None
     app = create_gateway(config, read_timeout=read_timeout)
-    sock = bind_socket(host, port)
+    sock = bind_socket(host, port, reuse_port=worker_index() is not None)
     log.info("gateway listening on %s:%d, following %s%s", host, port, app.routes.source,
              " (bearer token required)" if config.gateway.token_file else "")
     if app.reporter is not None:
@@ -156,5 +184,5 @@ def run_gateway(config: Config, *, read_timeout: float | None = None) -> None:
         raise GatewayError("the gateway failed to start (see the log above)")
 
 
-__all__ = ["GatewayError", "GatewayServer", "bind_socket", "build_server", "create_gateway", "read_control_plane_token",
-           "read_token", "run_gateway"]
+__all__ = ["GatewayError", "GatewayServer", "bind_socket", "build_server", "create_gateway", "gateway_workers",
+           "read_control_plane_token", "read_token", "run_gateway", "run_gateway_workers"]

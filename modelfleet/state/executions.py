@@ -9,7 +9,8 @@ log lines are the durable record.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -76,13 +77,16 @@ def select(entries: Iterable[tuple[int, Execution]], model: str, environment: st
     return chosen[-limit:] if limit > 0 else []
 
 
-def describe(execution: Execution) -> str:
-    """One line of text for an execution, as the gateway logs it and ``modelfleet logs`` prints it."""
-    where = f"{execution.host}/r{execution.replica}" if execution.host else "-"
-    version = f"{execution.spec_hash[:12]}@{execution.revision[:12]}" if execution.spec_hash else "-"
-    flags = [name for name, on in (("cold", execution.cold_start), ("overflow", execution.overflow),
-                                   ("retry", execution.retry)) if on]
-    return (f"{execution.model}/{execution.environment} {execution.status} {execution.duration_ms:.1f}ms "
-            f"{execution.response_bytes}B {where} {version} {execution.location or '-'} id={execution.request_id}"
+def describe(execution: Mapping[str, Any]) -> str:
+    """One line of text for an execution (an :class:`Execution`'s fields), as the gateway logs it and
+    ``modelfleet logs`` prints it."""
+    host = execution.get("host")
+    spec_hash = execution.get("spec_hash")
+    where = f"{host}/r{execution.get('replica')}" if host else "-"
+    version = f"{spec_hash[:12]}@{str(execution.get('revision'))[:12]}" if spec_hash else "-"
+    flags = [name for name, key in (("cold", "cold_start"), ("overflow", "overflow"), ("retry", "retry"))
+             if execution.get(key)]
+    return (f"{execution['model']}/{execution['environment']} {execution['status']} "
+            f"{execution['duration_ms']:.1f}ms {execution.get('response_bytes', 0)}B {where} {version} "
+            f"{execution.get('location') or '-'} id={execution['request_id']}"
             + (f" [{','.join(flags)}]" if flags else ""))
-

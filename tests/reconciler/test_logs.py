@@ -154,3 +154,21 @@ def test_a_daemon_pass_logs_with_its_pass_id_and_revision(restore_root: None, tm
     assert [(line["pass_id"], line["revision"]) for line in crashed] == [(1, head), (2, head)]
     assert all("pa55" not in line["exception"] and "boom" in line["exception"] for line in crashed)
     assert logs.current_context() == {}  # nothing of a pass outlives it
+
+
+def test_execution_lines_get_a_plain_handler_of_their_own() -> None:
+    from modelfleet.reconciler.logs import EXECUTIONS_LOGGER
+
+    for format in ("text", "json"):
+        stream = io.StringIO()
+        logs.setup_logging(format, stream=stream)
+        logger = logging.getLogger(EXECUTIONS_LOGGER)
+        assert logger.propagate is False  # not through the rich console: a millisecond a line
+        logger.info("m/production 200 1.0ms", extra={"mf_fields": {"time": 1_700_000_000.5, "request_id": "r1"}})
+        line = stream.getvalue().strip()
+        if format == "text":
+            assert line == "2023-11-14T22:13:20.500Z execution m/production 200 1.0ms"
+        else:
+            data = json.loads(line)
+            assert data["time"] == "2023-11-14T22:13:20.500Z" and data["request_id"] == "r1"
+    logs.setup_logging("text")

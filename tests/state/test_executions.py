@@ -38,9 +38,9 @@ def test_select_takes_the_newest_of_one_deployment_after_since_oldest_first() ->
 
 def test_describe_says_where_which_version_and_how() -> None:
     line = describe(execution(host="h1", replica=2, spec_hash="a" * 64, revision="b" * 40, location="paris-1",
-                              response_bytes=42, cold_start=True, retry=True))
+                              response_bytes=42, cold_start=True, retry=True).model_dump())
     assert line == ("m/production 200 12.5ms 42B h1/r2 aaaaaaaaaaaa@bbbbbbbbbbbb paris-1 id=r1 [cold,retry]")
-    assert describe(execution(status=503)) == "m/production 503 12.5ms 0B - - - id=r1"
+    assert describe(execution(status=503).model_dump()) == "m/production 503 12.5ms 0B - - - id=r1"
 
 
 def test_a_batch_rejects_unknown_fields_and_bad_values() -> None:

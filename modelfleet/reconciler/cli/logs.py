@@ -80,7 +80,7 @@ def render(data: dict[str, Any], as_json: bool) -> list[str]:
             lines.append(json.dumps(entry, sort_keys=True))
             continue
         when = datetime.fromtimestamp(execution.time, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        lines.append(f"{when} {describe(execution)}")
+        lines.append(f"{when} {describe(execution.model_dump())}")
     return lines
 
 

@@ -1,8 +1,9 @@
 """Every execution observable: one record per inference request, logged, counted and sent to the daemon.
 
 The proxy calls :meth:`ExecutionRecorder.record` once per request; that only appends a tuple, so
-the hot path pays a few hundred nanoseconds. Every ``FLUSH_INTERVAL`` the recorder turns what
-accumulated into:
+the hot path pays a few hundred nanoseconds. Every ``FLUSH_INTERVAL`` the recorder hands what
+accumulated to a thread of its own (the event loop never formats nor writes a line), which turns it
+into:
 
 - one log line per request on the logger ``modelfleet.executions`` (with ``logging.format: json``,
   the fields of :class:`modelfleet.state.executions.Execution` are keys of the JSON object);
@@ -22,17 +23,19 @@ import logging
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.routes import Backend
+from modelfleet.reconciler.logs import EXECUTIONS_LOGGER
 from modelfleet.reconciler.secrets import redact_url
-from modelfleet.state.executions import MAX_BATCH, Execution, describe
+from modelfleet.state.executions import MAX_BATCH, describe
 
 log = logging.getLogger("modelfleet.gateway")
-execution_log = logging.getLogger("modelfleet.executions")
+execution_log = logging.getLogger(EXECUTIONS_LOGGER)
 
 EXECUTIONS_PATH = "/api/v1/executions"
 FLUSH_INTERVAL = 0.5
@@ -77,6 +80,7 @@ class ExecutionRecorder:
         self._last_warning: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -96,6 +100,7 @@ class ExecutionRecorder:
 
     def start(self) -> None:
         if self._task is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-executions")
             if self.url is not None:
                 self._client = httpx.AsyncClient(trust_env=False, timeout=2.0, follow_redirects=False)
             self._task = asyncio.ensure_future(self._run())
@@ -107,7 +112,12 @@ class ExecutionRecorder:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.flush()
+        if self._executor is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.flush)
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        else:
+            self.flush()
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ship(), 2.0)
@@ -115,10 +125,11 @@ class ExecutionRecorder:
             self._client = None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.flush_interval)
             try:
-                self.flush()
+                await loop.run_in_executor(self._executor, self.flush)
                 await self.ship()
             except Exception:  # never fatal: serving goes on
                 log.exception("execution records could not be flushed")
@@ -126,7 +137,8 @@ class ExecutionRecorder:
     # -- off the hot path ------------------------------------------------------------------------
 
     def flush(self) -> list[dict[str, Any]]:
-        """Log and count what was recorded since the last flush; returns the records."""
+        """Log and count what was recorded since the last flush; returns the records (the recorder's
+        thread, or the caller's when it was not started)."""
         new, self._new = self._new, []
         if not new:
             return []
@@ -141,7 +153,7 @@ class ExecutionRecorder:
             self.metrics.execution(record["model"], record["environment"], record["spec_hash"], record["location"],
                                    record["status"], record["duration_ms"] / 1000, record["cold_start"])
             if logging_on:
-                execution_log.info(describe(Execution.model_construct(**record)), extra={"mf_fields": record})
+                execution_log.info(describe(record), extra={"mf_fields": record})
         if self.url is not None:
             if len(self._pending) + len(records) > (self._pending.maxlen or 0):
                 self.dropped += len(self._pending) + len(records) - (self._pending.maxlen or 0)
@@ -153,10 +165,12 @@ class ExecutionRecorder:
         client = self._client
         if client is None or self.url is None:
             return True
+        loop = asyncio.get_running_loop()
         while self._pending:
             batch = list(itertools.islice(self._pending, MAX_BATCH))
-            payload = json.dumps({"gateway": self.gateway_id or "gateway", "location": self.location,
-                                  "dropped": self.dropped, "executions": batch})
+            body = {"gateway": self.gateway_id or "gateway", "location": self.location, "dropped": self.dropped,
+                    "executions": batch}
+            payload = await loop.run_in_executor(self._executor, json.dumps, body)
             try:
                 response = await client.post(self.url, content=payload, headers=self._headers)
             except httpx.HTTPError as exc:

@@ -120,10 +120,15 @@ def test_a_json_log_line_per_request_with_every_field(backends: Any, make_gatewa
                                                       caplog: pytest.LogCaptureFixture) -> None:
     _, a = backends("a")
     gw = make_gateway({KEY: (replica(a),)}, gateway_id="gw-json")
-    with caplog.at_level(logging.INFO, logger="modelfleet.executions"):
-        gw.client.post("/models/m/predict", headers={"X-Request-Id": "logged-1"})
-        wait_for(lambda: any(r.name == "modelfleet.executions" for r in caplog.records), "an execution line")
-    (record,) = [r for r in caplog.records if r.name == "modelfleet.executions"]
+    executions = logging.getLogger("modelfleet.executions")
+    executions.addHandler(caplog.handler)  # it may not propagate (setup_logging gives it a handler of its own)
+    try:
+        with caplog.at_level(logging.INFO, logger="modelfleet.executions"):
+            gw.client.post("/models/m/predict", headers={"X-Request-Id": "logged-1"})
+            wait_for(lambda: any(r.name == "modelfleet.executions" for r in caplog.records), "an execution line")
+    finally:
+        executions.removeHandler(caplog.handler)
+    (record, *_) = [r for r in caplog.records if r.name == "modelfleet.executions"]
     assert "m/production 200" in record.getMessage() and "id=logged-1" in record.getMessage()
     line = json.loads(JsonFormatter().format(record))
     assert line["logger"] == "modelfleet.executions" and line["request_id"] == "logged-1"

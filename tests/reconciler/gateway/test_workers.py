@@ -19,8 +19,8 @@ import yaml
 
 from modelfleet.reconciler.gateway.routes import RouteStore
 from tests.http_server import bound_socket
-from tests.reconciler.test_metrics_promtool import check_metrics
 from tests.reconciler.gateway.harness import route, wait_for
+from tests.reconciler.test_metrics_promtool import check_metrics
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -78,7 +78,12 @@ def test_two_workers_share_the_port_and_their_metrics(tmp_path: Path, backends: 
         wait_for(lambda: len(children(process.pid)) == 2, "two workers", timeout=20)
         workers = children(process.pid)
         seen: set[int] = set()
-        wait_for(lambda: seen.add(healthy_pid(url) or 0) or workers <= seen, "both workers answering", timeout=30)
+
+        def both_answered() -> bool:
+            seen.add(healthy_pid(url) or 0)
+            return workers <= seen
+
+        wait_for(both_answered, "both workers answering", timeout=30)
         for _ in range(40):
             with httpx.Client(trust_env=False, timeout=5) as client:
                 assert client.post(f"{url}/models/m/predict").status_code == 200

@@ -209,7 +209,7 @@ class ReviewPlanner:
             if self._busy is not None and self._busy.is_alive():
                 log.warning("a review plan is still running past review.timeout: the next round goes on")
                 break
-            self._remember_pull(pull.number, head, pull.head_sha)
+            self._remember_pull(pull.number, head)
             with self._lock:
                 known = self._plans.get(head)
             if known is not None:  # planned already (as a review branch, or for another pull request)
@@ -226,10 +226,10 @@ class ReviewPlanner:
             log.warning("%s", message)
         self._pulls_error = message
 
-    def _remember_pull(self, number: int, head: str, forge_head: str) -> None:
+    def _remember_pull(self, number: int, head: str) -> None:
+        # (Only the head fetched: when the forge's listing is ahead of its pull ref, the next round
+        # fetches again and plans the newer head.)
         self._pull_heads[(number, head)] = None
-        if forge_head and forge_head != head:
-            self._pull_heads[(number, forge_head)] = None  # the forge said so: not fetched again for it
         while len(self._pull_heads) > KEEP_PLANNED:
             self._pull_heads.popitem(last=False)
 
@@ -325,5 +325,6 @@ class ReviewPlanner:
     def summaries(self) -> list[dict[str, Any]]:
         with self._lock:
             documents = list(self._plans.values())
-        return [{k: d[k] for k in ("branch", "revision", "base", "plannedAt", "state", "description")}
+        return [{**{k: d[k] for k in ("branch", "revision", "base", "plannedAt", "state", "description")},
+                 **({"pullRequest": d["pullRequest"]} if "pullRequest" in d else {})}
                 for d in reversed(documents)]

@@ -197,7 +197,8 @@ def webhook_route(headers: Mapping[str, str], payload: Any, branch: str) -> Webh
     (a push to ``branch``, an event without a name) triggers a pass."""
     event = _event_name(headers)
     data = payload if isinstance(payload, Mapping) else {}
-    if event in ("pull_request", "merge request hook") or data.get("object_kind") == "merge_request":
+    # (Gitea may name the kind too, e.g. pull_request_sync; review events carry the pull request as well.)
+    if event.startswith("pull_request") or event == "merge request hook" or data.get("object_kind") == "merge_request":
         if data.get("object_kind") == "merge_request" or event == "merge request hook":
             attributes = data.get("object_attributes")
             target = attributes.get("target_branch") if isinstance(attributes, Mapping) else None

@@ -143,6 +143,9 @@ def test_a_pull_request_is_planned_commented_once_and_never_applied(
             assert "| `echo/production` | replicas | `1` | `3` |" in edited["body"]
             assert f"`{first[:12]}`" not in edited["body"]
             assert len(forge.comments_on(1)) == 2  # ours and the reviewer's
+            shown = fleet.status()["pullRequests"]
+            assert shown["planned"] == {"1": second} and shown["lastError"] is None
+            assert shown["repository"] == f"{tmp_path.name}/origin"
             methods = [(r.method, r.path.split("?")[0]) for r in forge.requests if "/issues/" in r.path]
             assert [m for m, _ in methods].count("POST") == 1 and [m for m, _ in methods].count("PATCH") == 1
 

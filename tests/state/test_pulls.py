@@ -157,6 +157,7 @@ def gitlab_mr_event(target: str = "main") -> dict[str, Any]:
     ({"X-GitHub-Event": "pull_request"}, github_pull_event(action="opened"), "review"),
     ({"X-Gitea-Event": "pull_request", "X-GitHub-Event": "pull_request"}, github_pull_event(), "review"),
     ({"X-Forgejo-Event": "pull_request"}, github_pull_event(), "review"),
+    ({"X-Gitea-Event": "pull_request_sync"}, github_pull_event(), "review"),
     ({"X-Gitlab-Event": "Merge Request Hook"}, gitlab_mr_event(), "review"),
     ({"X-GitHub-Event": "pull_request"}, github_pull_event(base="release"), "ignore"),
     ({"X-Gitlab-Event": "Merge Request Hook"}, gitlab_mr_event("develop"), "ignore"),

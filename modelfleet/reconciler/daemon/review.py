@@ -84,6 +84,19 @@ class ReviewPlanner:
         if comments is None and self.settings.comment:
             comments = StatusOutbox(CommentWriter(pulls))
         self.comments = comments
+        self.daemon.status.pull_requests = self.pulls_json
+
+    def pulls_json(self) -> dict[str, Any]:
+        """``/api/v1/status`` ``pullRequests``: the forge and repository, the pull requests planned
+        (number -> last head), the last listing or fetch error (null while there is none), and the
+        comment queue (``pending``, ``lastError``, ``retryingSince``, ``nextAttemptIn``)."""
+        assert self.pulls is not None
+        planned: dict[str, str] = {}
+        for number, head in list(self._pull_heads):
+            planned[str(number)] = head
+        to_json = getattr(self.comments, "to_json", None)
+        return {"forge": self.pulls.forge, "repository": self.pulls.target, "planned": planned,
+                "lastError": self._pulls_error, "comments": to_json() if callable(to_json) else None}
 
     def plan_url(self, revision: str) -> str:
         api = self.daemon.config.api

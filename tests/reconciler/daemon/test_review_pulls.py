@@ -110,6 +110,11 @@ def test_a_pull_request_is_planned_and_commented_once_then_edited(tmp_path: Path
         assert f"`{second[:12]}`" in edited["body"] and f"`{first[:12]}`" not in edited["body"]
         assert len(forge.comments_on(1)) == 2  # and the reviewer's, untouched
 
+        shown = daemon.status.to_json()["pullRequests"]
+        assert shown["forge"] == "github" and shown["repository"] == "acme/models"
+        assert shown["planned"] == {"1": second} and shown["lastError"] is None
+        assert shown["comments"]["pending"] == 0 and shown["comments"]["lastError"] is None
+
         requests = len(forge.requests)
         assert daemon.reviews.run_once() == []  # nothing new: listed, not fetched, not commented
         flush(daemon)
@@ -174,7 +179,10 @@ def test_a_forge_that_fails_to_list_is_retried_next_round(tmp_path: Path, work: 
         daemon.reconcile("test")
         forge.script = [(503, {"message": "unavailable"})]
         assert daemon.reviews.run_once() == []
+        assert "HTTP 503" in daemon.status.to_json()["pullRequests"]["lastError"]
+        assert TOKEN not in daemon.status.to_json()["pullRequests"]["lastError"]
         assert daemon.reviews.run_once() == [head]
+        assert daemon.status.to_json()["pullRequests"]["lastError"] is None
     finally:
         daemon.close()
 

@@ -178,6 +178,8 @@ class ReviewSettings(_Settings):
     timeout: Duration = 10.0  # per plan
     pull_requests: bool = True  # plan the forge's open pull requests (forge status providers only)
     comment: bool = True  # one plan comment per pull request, edited on each push
+    # Pull requests from forks too (anyone's manifests: their origins are resolved with the daemon's tokens).
+    forks: bool = False
 
 
 class SafetySettings(_Settings):

@@ -30,10 +30,11 @@ class PullRequest:
     title: str = ""
     url: str = ""
     updated_at: str = ""  # ISO 8601 as the forge writes it ("" when it does not say)
+    from_fork: bool = False  # its head is in another repository than its base (a fork, or a deleted one)
 
     def to_json(self) -> dict[str, object]:
         return {"number": self.number, "base": self.base, "headBranch": self.head_branch, "title": self.title,
-                "url": self.url}
+                "url": self.url, "fromFork": self.from_fork}
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,13 @@ class Comment:
     body: str
 
 
-def select_pulls(pulls: Sequence[PullRequest], base: str, limit: int) -> list[PullRequest]:
+def select_pulls(pulls: Sequence[PullRequest], base: str, limit: int, forks: bool = False) -> list[PullRequest]:
     """The open pull requests against ``base`` a round plans: newest first (last updated, then the
-    highest number), at most ``limit``; one per number."""
+    highest number), at most ``limit``; one per number; from forks only with ``forks`` (their
+    manifests are anyone's: planning them resolves their origins with the daemon's credentials)."""
     seen: dict[int, PullRequest] = {}
     for pull in pulls:
-        if pull.base == base and pull.number not in seen:
+        if pull.base == base and pull.number not in seen and (forks or not pull.from_fork):
             seen[pull.number] = pull
     ordered = sorted(seen.values(), key=lambda p: (_instant(p.updated_at), p.number), reverse=True)
     return ordered[:max(0, limit)]

@@ -45,6 +45,12 @@ def test_only_pull_requests_against_the_tracked_branch_and_at_most_the_limit() -
     assert select_pulls(pulls, "main", 0) == []
 
 
+def test_pull_requests_from_forks_only_when_asked() -> None:
+    ours, theirs = pull(1), PullRequest(2, "main", "patch-1", SHA, "from a fork", "", "", from_fork=True)
+    assert select_pulls([ours, theirs], "main", 5) == [ours]
+    assert select_pulls([ours, theirs], "main", 5, forks=True) == [theirs, ours]
+
+
 def test_a_pull_request_listed_twice_is_planned_once() -> None:
     pulls = [pull(7, "2026-12-01T10:00:00Z"), pull(7, "2026-12-01T10:00:00Z")]
     assert [p.number for p in select_pulls(pulls, "main", 5)] == [7]

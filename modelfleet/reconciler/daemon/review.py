@@ -194,7 +194,7 @@ class ReviewPlanner:
         assert self.pulls is not None
         tracked = self.daemon.config.repo.branch
         try:
-            listed = select_pulls(self.pulls.open_pulls(tracked), tracked, LISTED_PULLS)
+            listed = select_pulls(self.pulls.open_pulls(tracked), tracked, LISTED_PULLS, self.settings.forks)
         except StatusError as exc:
             self._pull_problem(f"listing the open pull requests failed: {exc}")
             return []

@@ -104,9 +104,12 @@ class ForgePulls:
 
     def _pull(self, item: dict[str, Any]) -> PullRequest:
         base, head = item.get("base") or {}, item.get("head") or {}
+        # A fork: the head's repository is another one (or gone: a deleted fork says null).
+        head_repo, base_repo = (head.get("repo") or {}).get("full_name"), (base.get("repo") or {}).get("full_name")
+        fork = bool(base_repo) and head_repo != base_repo
         return PullRequest(int(item["number"]), str(base.get("ref") or ""), str(head.get("ref") or ""),
                            str(head.get("sha") or ""), str(item.get("title") or ""), str(item.get("html_url") or ""),
-                           str(item.get("updated_at") or ""))
+                           str(item.get("updated_at") or ""), fork)
 
     def _comments_path(self, number: int) -> str:
         return f"{self._repo_path()}/issues/{number}/comments"
@@ -294,9 +297,10 @@ class GitLabPulls(ForgePulls):
         return [p for p in (self._pull(item) for item in _items(items, "merge requests")) if p.base == base]
 
     def _pull(self, item: dict[str, Any]) -> PullRequest:
+        source, target = item.get("source_project_id"), item.get("target_project_id")
         return PullRequest(int(item["iid"]), str(item.get("target_branch") or ""), str(item.get("source_branch") or ""),
                            str(item.get("sha") or ""), str(item.get("title") or ""), str(item.get("web_url") or ""),
-                           str(item.get("updated_at") or ""))
+                           str(item.get("updated_at") or ""), target is not None and source != target)
 
     def _comments_path(self, number: int) -> str:
         return f"{self._repo_path()}/merge_requests/{number}/notes"

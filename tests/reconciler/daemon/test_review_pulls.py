@@ -158,6 +158,26 @@ def test_at_most_max_plans_per_round_newest_first(tmp_path: Path, work: Path, fo
     assert sorted(forge.comments) == [1, 2, 3]
 
 
+def test_pull_requests_from_forks_are_not_planned_unless_review_forks(tmp_path: Path, work: Path,
+                                                                     forge: StandInForge) -> None:
+    head = branch(work, "patch-1", {"models/new.yaml": model("new")})
+    git(work, "update-ref", "refs/pull/2/head", head)
+    forge.add_pull(2, "patch-1", head, fork="someone/models")
+    daemon, _ = make_daemon(tmp_path, work, forge)
+    try:
+        daemon.reconcile("test")
+        assert daemon.reviews.run_once() == []
+    finally:
+        daemon.close()
+    assert forge.comments_on(2) == []
+    daemon, _ = make_daemon(tmp_path, work, forge, forks=True)
+    try:
+        daemon.reconcile("test")
+        assert daemon.reviews.run_once() == [head]
+    finally:
+        daemon.close()
+
+
 def test_a_pull_ref_not_on_the_remote_yet_is_planned_once_it_is(tmp_path: Path, work: Path,
                                                                 forge: StandInForge) -> None:
     head = branch(work, "feature/9", {"models/new.yaml": model("new")})

@@ -191,11 +191,12 @@ class StandInForge:
     # -- pull requests and comments --------------------------------------------------------------
 
     def add_pull(self, number: int, head_branch: str, head_sha: str, base: str = "main",
-                 title: str = "a change") -> None:
+                 title: str = "a change", fork: str | None = None) -> None:
+        """``fork``: the head is in that repository ('someone/models'), not in ours."""
         with self._lock:
             self._clock += 1
             self.pulls[number] = {"number": number, "head": head_branch, "sha": head_sha, "base": base,
-                                  "title": title, "state": "open", "updated": self._clock}
+                                  "title": title, "state": "open", "updated": self._clock, "fork": fork}
 
     def move_pull(self, number: int, head_sha: str) -> None:
         """A push to the pull request: its head moves (and it is the most recently updated)."""
@@ -223,15 +224,19 @@ class StandInForge:
     def _pull_json(self, pull: dict[str, Any]) -> dict[str, Any]:
         updated = f"2026-12-01T10:{pull['updated'] // 60:02d}:{pull['updated'] % 60:02d}Z"
         if self.forge == "gitlab":
+            project = 4242
             return {"id": 90000 + pull["number"], "iid": pull["number"], "title": pull["title"],
+                    "target_project_id": project, "source_project_id": 5151 if pull.get("fork") else project,
                     "state": "opened" if pull["state"] == "open" else pull["state"],
                     "source_branch": pull["head"], "target_branch": pull["base"], "sha": pull["sha"],
                     "web_url": f"{self.url}/{self.target}/-/merge_requests/{pull['number']}", "updated_at": updated}
         owner = self.target.split("/")[0]
         return {"id": 70000 + pull["number"], "number": pull["number"], "title": pull["title"], "state": pull["state"],
                 "html_url": f"{self.url}/{self.target}/pull/{pull['number']}", "updated_at": updated,
-                "base": {"ref": pull["base"], "label": f"{owner}:{pull['base']}"},
-                "head": {"ref": pull["head"], "sha": pull["sha"], "label": f"{owner}:{pull['head']}"}}
+                "base": {"ref": pull["base"], "label": f"{owner}:{pull['base']}",
+                         "repo": {"full_name": self.target}},
+                "head": {"ref": pull["head"], "sha": pull["sha"], "label": f"{owner}:{pull['head']}",
+                         "repo": {"full_name": pull.get("fork") or self.target}}}
 
     def _comment_json(self, comment: dict[str, Any]) -> dict[str, Any]:
         if self.forge == "gitlab":

@@ -64,6 +64,13 @@ def test_open_pull_requests_against_the_branch_newest_first(forge: StandInForge)
     assert "state=opened" in listing.path if forge.forge == "gitlab" else "state=open" in listing.path
 
 
+def test_pull_requests_from_forks_are_marked(forge: StandInForge) -> None:
+    forge.add_pull(1, "feature/a", SHA1)
+    forge.add_pull(2, "patch-1", SHA2, fork="someone/models")
+    marks = {p.number: p.from_fork for p in client_for(forge).open_pulls("main")}
+    assert marks == {1: False, 2: True}
+
+
 def test_the_pull_ref_of_each_forge(forge: StandInForge) -> None:
     expected = "refs/merge-requests/4/head" if forge.forge == "gitlab" else "refs/pull/4/head"
     assert client_for(forge).pull_ref(4) == expected

@@ -140,14 +140,17 @@ class ForgePulls:
 
     def comments(self, number: int) -> list[Comment]:
         """The comments of a pull request, oldest first, as far as ours (at most MAX_COMMENT_PAGES pages)."""
-        found: list[Comment] = []
+        found: dict[int, Comment] = {}
         for page in range(1, MAX_COMMENT_PAGES + 1):
             items = _items(self._request("GET", self._comments_path(number), params=self._page_params(page)),
                            "comments")
-            found += [Comment(int(c["id"]), str(c.get("body") or "")) for c in items if "id" in c]
-            if len(items) < self.page_size or own_comment(found) is not None:
+            new = [Comment(int(c["id"]), str(c.get("body") or "")) for c in items
+                   if "id" in c and int(c["id"]) not in found]
+            found.update((c.id, c) for c in new)
+            # (A page of nothing new: a forge that ignores the page parameter and answers them all.)
+            if len(items) < self.page_size or not new or own_comment(new) is not None:
                 break
-        return found
+        return list(found.values())
 
     def upsert_comment(self, number: int, body: str) -> int:
         """Edit our comment on the pull request (found by its marker), or create it when there is

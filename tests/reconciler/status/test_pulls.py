@@ -191,3 +191,23 @@ def test_pulls_from_settings(tmp_path: Path, provider: str, repo_url: str,
 def test_no_pulls_without_a_forge() -> None:
     assert pulls_from_settings(StatusSettings(provider="git-notes"), "/srv/git/models.git") is None
     assert pulls_from_settings(StatusSettings(provider="none"), None) is None
+
+
+class UnpagedForge(StandInForge):
+    """A stand-in Gitea that answers every comment whatever page is asked for (as a forge without
+    paging of that list would)."""
+
+    def _page(self, items: list[dict[str, object]], query: dict[str, str],
+              problems: list[str]) -> list[dict[str, object]]:
+        return items
+
+
+def test_a_forge_that_does_not_page_comments_is_read_once() -> None:
+    with UnpagedForge("gitea", TOKEN, "acme/models") as forge:
+        forge.add_pull(1, "feature/a", SHA1)
+        for i in range(70):
+            forge.add_comment(1, f"comment {i}")
+        comment_id = client_for(forge).upsert_comment(1, plan_comment("plan"))
+        gets = [r for r in forge.requests if r.method == "GET"]
+        assert len(gets) == 2  # page 1 had everything, page 2 nothing new: then it is created
+        assert [c["id"] for c in forge.comments_on(1)][-1] == comment_id and len(forge.comments_on(1)) == 71

@@ -91,9 +91,9 @@ class ReviewPlanner:
         (number -> last head), the last listing or fetch error (null while there is none), and the
         comment queue (``pending``, ``lastError``, ``retryingSince``, ``nextAttemptIn``)."""
         assert self.pulls is not None
-        planned: dict[str, str] = {}
-        for number, head in list(self._pull_heads):
-            planned[str(number)] = head
+        with self._lock:  # (the review thread adds to it meanwhile)
+            pairs = list(self._pull_heads)
+        planned = {str(number): head for number, head in pairs}  # in order: the last head of each wins
         to_json = getattr(self.comments, "to_json", None)
         return {"forge": self.pulls.forge, "repository": self.pulls.target, "planned": planned,
                 "lastError": self._pulls_error, "comments": to_json() if callable(to_json) else None}
@@ -242,9 +242,10 @@ class ReviewPlanner:
     def _remember_pull(self, number: int, head: str) -> None:
         # (Only the head fetched: when the forge's listing is ahead of its pull ref, the next round
         # fetches again and plans the newer head.)
-        self._pull_heads[(number, head)] = None
-        while len(self._pull_heads) > KEEP_PLANNED:
-            self._pull_heads.popitem(last=False)
+        with self._lock:
+            self._pull_heads[(number, head)] = None
+            while len(self._pull_heads) > KEEP_PLANNED:
+                self._pull_heads.popitem(last=False)
 
     def _comment(self, pull: PullRequest, head: str, document: dict[str, Any]) -> None:
         if self.comments is None:

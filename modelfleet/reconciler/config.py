@@ -181,12 +181,19 @@ BranchGlob = Annotated[str, AfterValidator(_valid_branch_glob)]
 
 
 class ReviewSettings(_Settings):
-    """Plans of review branches: each new head of a branch matching ``branches`` is planned (never
-    applied) after a pass, and gets a ``modelfleet/plan`` commit status. No branches: off."""
+    """Plans of review branches and pull requests: each new head of a branch matching ``branches``
+    and, with a forge ``status.provider`` and ``pullRequests``, of each open pull/merge request
+    against ``repo.branch`` is planned (never applied) after a pass, and gets a ``modelfleet/plan``
+    commit status; a pull request also gets one plan comment (``comment``), edited in place.
+    No branches and no forge: off."""
 
     branches: list[BranchGlob] = Field(default_factory=list, max_length=20)
-    max_plans: int = Field(default=5, ge=1, le=100)  # heads planned per pass, newest first
+    max_plans: int = Field(default=5, ge=1, le=100)  # heads planned per round, newest first
     timeout: Duration = 10.0  # per plan
+    pull_requests: bool = True  # plan the forge's open pull requests (forge status providers only)
+    comment: bool = True  # one plan comment per pull request, edited on each push
+    # Pull requests from forks too (anyone's manifests: their origins are resolved with the daemon's tokens).
+    forks: bool = False
 
 
 class SafetySettings(_Settings):

@@ -32,3 +32,16 @@ def test_a_branch_glob_git_cannot_fetch_is_an_error_with_its_line(pattern: str) 
 def test_max_plans_must_be_positive() -> None:
     with pytest.raises(ConfigError, match=r"review\.maxPlans"):
         parse_config("review: {maxPlans: 0}")
+
+
+def test_pull_requests_and_comments_are_on_by_default_and_can_be_turned_off() -> None:
+    config = parse_config("{}")
+    assert config.review.pull_requests is True and config.review.comment is True
+    config = parse_config("review: {pullRequests: false, comment: false}")
+    assert config.review.pull_requests is False and config.review.comment is False
+
+
+def test_a_pull_requests_setting_that_is_not_a_boolean_names_its_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config("stateDir: /tmp\nreview:\n  pullRequests: sometimes\n")
+    assert "modelfleet.yaml:3: review.pullRequests" in str(caught.value)

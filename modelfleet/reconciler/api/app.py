@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from modelfleet.reconciler.secrets import bearer_token_matches
+from modelfleet.state.pulls import webhook_route
 
 if TYPE_CHECKING:
     from modelfleet.reconciler.daemon.reconcile import Daemon
@@ -120,9 +121,16 @@ def make_api(daemon: Daemon, api_token: str | None, webhook_secret: str | None,
             payload = json.loads(body or b"{}")
         except ValueError:
             return JSONResponse({"error": "body is not JSON"}, status_code=400)
-        branch = pushed_branch(payload)
-        if branch is not None and branch != daemon.config.repo.branch:
-            return JSONResponse({"ignored": f"push to {branch}, watching {daemon.config.repo.branch}"})
+        route = webhook_route(request.headers, payload, daemon.config.repo.branch)
+        if route.kind == "ignore":
+            return JSONResponse({"ignored": route.reason})
+        if route.kind == "review":
+            # A pull request opened or pushed to: its plan, never a pass (nothing of it is applied).
+            if daemon.reviews.pulls is None:
+                return JSONResponse({"ignored": "pull request event: pull requests are planned only with a forge "
+                                                "status.provider (and review.pullRequests)"})
+            daemon.reviews.wake("webhook")
+            return JSONResponse({"queued": "review"}, status_code=202)
         trigger("webhook")
         return JSONResponse({"queued": True}, status_code=202)
 

@@ -1,6 +1,7 @@
 """``POST /api/v1/releases`` (body ``{"model", "from", "to", "branch"?}``): `modelfleet release` on a
 fresh clone of ``repo.url`` under ``stateDir/releases``, pushed as a release branch (never to the
 tracked branch: merging it deploys it). The HuggingFace commit to pin is the one the daemon deployed.
+With a forge status provider, the branch's pull request is opened too (or the open one reused).
 """
 
 from __future__ import annotations
@@ -40,6 +41,26 @@ def _deployed_commit(daemon: Daemon, model: str, environment: str) -> str | None
     return commit if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
+def _pull_request(daemon: Daemon, done: Any) -> dict[str, Any]:
+    """With a forge (the review planner's pull requests): the release branch's pull request, opened
+    or the one open already: ``{"pullRequest": {number, url, created}}``; ``{"pullRequestError"}``
+    when the forge refuses (the branch is pushed all the same). Nothing without a forge."""
+    from modelfleet.reconciler.cli.release import open_pull_request
+    from modelfleet.reconciler.status import StatusError
+
+    reviews = getattr(daemon, "reviews", None)
+    pulls = getattr(reviews, "pulls", None)
+    if pulls is None or not done.branch:
+        return {}
+    body = (f"{done.message}\n\nOpened by modelfleet (`POST /api/v1/releases`): merging it into "
+            f"`{daemon.config.repo.branch}` deploys it; modelfleet comments its plan here.")
+    try:
+        pull, created = open_pull_request(pulls, done.branch, daemon.config.repo.branch, done.message, body)
+    except StatusError as exc:
+        return {"pullRequestError": str(exc)}
+    return {"pullRequest": {"number": pull.number, "url": pull.url, "created": created}}
+
+
 def release_routes(daemon: Daemon, api_token: str | None) -> list[Route]:
     lock = threading.Lock()  # one release at a time
 
@@ -63,8 +84,10 @@ def release_routes(daemon: Daemon, api_token: str | None) -> list[Route]:
                                    deployed_commit=_deployed_commit(daemon, model, source), git_env=_IDENTITY)
                 except ReleaseError as exc:
                     return 422, {"error": redact_url(str(exc))}
-                return 201, {"branch": done.branch, "commit": done.commit, "message": done.message,
-                             "file": done.promotion.file}
+                answer: dict[str, Any] = {"branch": done.branch, "commit": done.commit, "message": done.message,
+                                          "file": done.promotion.file}
+                answer.update(_pull_request(daemon, done))
+                return 201, answer
             finally:
                 shutil.rmtree(work, ignore_errors=True)
 

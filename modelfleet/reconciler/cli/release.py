@@ -485,6 +485,50 @@ def cmd_release(args: argparse.Namespace) -> int:
     where = f" on branch {released.branch}" if released.branch else ""
     pushed = f", pushed to {args.remote}" if released.pushed else ""
     print(f"{released.message}\ncommitted {released.commit[:12]}{where}{pushed}")
+    if released.pushed and released.branch and args.config:
+        return _pull_request_for(args.config, released)
+    return EXIT_OK
+
+
+def open_pull_request(pulls: Any, branch: str, base: str, title: str, body: str) -> tuple[Any, bool]:
+    """The open pull request from ``branch`` into ``base``: the one already open (False), or a new
+    one (True). ``pulls`` is a status/pulls.py ForgePulls; StatusError when the forge refuses."""
+    existing = pulls.find_open_pull(branch, base)
+    if existing is not None:
+        return existing, False
+    return pulls.create_pull(branch, base, title, body), True
+
+
+def _pull_request_for(config_path: str, released: Released) -> int:
+    """With a forge ``status.provider`` in the daemon's config: a pull request for the pushed
+    release branch into ``repo.branch`` (reused when one is open already), and its URL printed."""
+    from modelfleet.reconciler.config import ConfigError, load_config
+    from modelfleet.reconciler.status import StatusError
+    from modelfleet.reconciler.status.pulls import pulls_from_settings
+
+    assert released.branch is not None
+    try:
+        config = load_config(config_path)
+        pulls = pulls_from_settings(config.status, config.repo.url)
+    except (ConfigError, ValueError) as exc:
+        _fail(f"{config_path}: no pull request opened for {released.branch}: {exc}")
+        return EXIT_INVALID
+    if pulls is None:
+        return EXIT_OK  # git-notes: no forge to open a pull request on
+    body = (f"{released.message}\n\nOpened by `modelfleet release`: merging it into `{config.repo.branch}` "
+            "deploys it; modelfleet comments its plan here.")
+    try:
+        pull, created = open_pull_request(pulls, released.branch, config.repo.branch, released.message, body)
+    except StatusError as exc:
+        _fail(f"the branch {released.branch} is pushed, but opening its pull request failed: {exc}")
+        return EXIT_RUNTIME
+    finally:
+        pulls.close()
+    noun = "merge request" if pulls.forge == "gitlab" else "pull request"
+    if created:
+        print(f"opened {noun} #{pull.number}: {pull.url}")
+    else:
+        print(f"a {noun} is open for {released.branch} already: #{pull.number}: {pull.url} (reused)")
     return EXIT_OK
 
 
@@ -497,7 +541,8 @@ def add_release_parsers(sub: Any) -> None:
     p.add_argument("--branch", help="commit on this new branch (default with --push: release/<model>-<env>-<id>)")
     p.add_argument("--push", action="store_true", help="push the branch to --remote")
     p.add_argument("--remote", default="origin", help="the remote to push to (default: origin)")
-    p.add_argument("--config", help="daemon config: read the HuggingFace commit it deployed from its API")
+    p.add_argument("--config", help="daemon config: read the HuggingFace commit it deployed from its API; with "
+                                    "--push and a forge status.provider, also open a pull request")
     p.add_argument("--api", help="daemon API base URL (instead of --config)")
 
     p = sub.add_parser("confirm", help="confirm the deletions a commit's pass holds (deletion safety)")

@@ -113,6 +113,8 @@ class DaemonStatus:
     transfers: dict[str, dict[str, Any]] = field(default_factory=dict)  # "host artifact" -> progress
     demand: DemandBook | None = None  # the gateways' load (serverless), shown live
     status_outbox: StatusOutbox | None = None  # forge statuses waiting to be written (status/outbox.py)
+    # The forge's pull requests planned (daemon/review.py ReviewPlanner.pulls_json), when there is a forge.
+    pull_requests: Callable[[], dict[str, Any]] | None = None
 
     @property
     def last_attempted_revision(self) -> str | None:
@@ -154,6 +156,7 @@ class DaemonStatus:
             # The 20 most recent (list() copies atomically: shipping threads write meanwhile).
             "transfers": sorted(list(self.transfers.values()), key=lambda t: t["at"], reverse=True)[:20],
             "statusWriter": self.status_outbox.to_json() if self.status_outbox is not None else None,
+            "pullRequests": self.pull_requests() if self.pull_requests is not None else None,
         }
 
 

@@ -57,6 +57,21 @@ def make_status_writer(config: Config, daemon: Daemon) -> StatusWriter | None:
     return make_writer(config.status, repo_path=str(daemon.source.path), repo_url=config.repo.url)
 
 
+def use_pull_requests(config: Config, daemon: Daemon) -> None:
+    """With a forge ``status.provider``: the review planner plans its open pull requests."""
+    from modelfleet.reconciler.status.pulls import pulls_from_settings
+
+    try:
+        pulls = pulls_from_settings(config.status, config.repo.url)
+    except ValueError as exc:  # (the status writer was built from the same settings)
+        log.error("pull requests are not planned: %s", exc)
+        return
+    if pulls is not None:
+        daemon.reviews.use_forge(pulls)
+        log.info("planning the open pull requests against %s on %s (%s)", config.repo.branch, pulls.forge,
+                 pulls.target)
+
+
 class GatewaySupervisor:
     """Keeps one gateway process running for the embedded setup; adopts one that survived us.
 
@@ -189,6 +204,9 @@ def run_daemon(config: Config, config_path: str, *, once: bool = False) -> int:
     daemon.status_writer = queued(make_status_writer(config, daemon), registry=daemon.metrics.registry)
     if isinstance(daemon.status_writer, StatusOutbox):
         daemon.status.status_outbox = daemon.status_writer
+    # Pull requests on the forge: planned like review branches, one comment each.
+    if config.review.pull_requests and daemon.status_writer is not None:
+        use_pull_requests(config, daemon)
     stop = daemon.stop_event
 
     def on_signal(signum: int, _frame: object) -> None:

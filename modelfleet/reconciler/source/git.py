@@ -48,6 +48,8 @@ GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "LANGUAGE": "C"}
 CORRUPT_SUFFIX = ".corrupt"
 # Where the heads of review branches are fetched to in the mirror (review.branches).
 REVIEW_REFS = "refs/modelfleet/review/"
+# Where the heads of the forge's open pull requests are fetched to (refs/modelfleet/pulls/<number>).
+PULL_REFS = "refs/modelfleet/pulls/"
 # What git says about a damaged local repository (confirmed with `git fsck` before acting on it).
 _LOCAL_DAMAGE = re.compile(
     r"packfile|does not match index|is corrupt|corrupt (?:loose|object|pack)|bad object|invalid sha1 pointer"
@@ -431,6 +433,48 @@ class GitSource:
             if branch != self.branch and re.fullmatch(r"[0-9a-f]{40}", sha):
                 heads.append((branch, sha))
         return heads
+
+    def fetch_pulls(self, refs: Mapping[int, str], timeout: float) -> dict[int, str]:
+        """Fetch the heads of pull requests (number -> the forge's ref, e.g. ``refs/pull/7/head``)
+        into ``refs/modelfleet/pulls/<number>`` of the mirror, in a fetch of their own; the refs of
+        pull requests no longer listed are deleted. Returns number -> fetched commit; a ref the
+        remote does not have (yet) is left out. Raises GitSourceError when the remote cannot be read."""
+        with self._lock:
+            repo = self._open()
+            for line in self._git("for-each-ref", "--format=%(refname)", PULL_REFS).stdout.splitlines():
+                number = line.removeprefix(PULL_REFS)
+                if not number.isdigit() or int(number) not in refs:
+                    self._git("update-ref", "-d", line)
+            if not refs:
+                return {}
+
+            def fetch(numbers: list[int]) -> tuple[int, str]:
+                specs = [f"+{refs[n]}:{PULL_REFS}{n}" for n in numbers]
+                code, _, stderr = repo.git.fetch("origin", *specs, "--no-tags", "--no-write-fetch-head",
+                                                 kill_after_timeout=timeout, with_extended_output=True,
+                                                 with_exceptions=False)
+                return int(code), str(stderr or "")
+
+            try:
+                code, stderr = fetch(sorted(refs))
+                if code != 0 and _BRANCH_MISSING.search(stderr) and len(refs) > 1:
+                    # One ref the remote lacks fails the whole fetch: fetch them one by one.
+                    results = [fetch([n]) for n in sorted(refs)]
+                    code = 0 if any(c == 0 or _BRANCH_MISSING.search(e) for c, e in results) else results[0][0]
+                    stderr = next((e for c, e in results if c != 0 and not _BRANCH_MISSING.search(e)), "")
+                elif code != 0 and _BRANCH_MISSING.search(stderr):
+                    code = 0
+            except (git.GitError, OSError) as exc:
+                raise GitSourceError(f"fetching the pull request heads failed: {exc}") from None
+            if code != 0:
+                raise GitSourceError(f"fetching the pull request heads from {redact_url(self.url)} failed: "
+                                     f"{_summary(stderr)}")
+            heads: dict[int, str] = {}
+            for wanted in sorted(refs):
+                sha = read_ref(self.path, f"{PULL_REFS}{wanted}")
+                if sha is not None:
+                    heads[wanted] = sha
+            return heads
 
     # --- reading --------------------------------------------------------------------------------
 

@@ -65,3 +65,14 @@ def test_errors_with_file_line_and_fix() -> None:
 def test_no_plan_kept() -> None:
     page = render_plan_page(None, HEAD)
     assert "No review plan for" in page and HEAD in page
+
+
+def test_a_pull_request_plan_links_the_pull_request_and_escapes_its_title() -> None:
+    pull = {"number": 7, "base": "main", "headBranch": "feature/x", "title": "more <i>echo</i>",
+            "url": "https://github.com/acme/models/pull/7"}
+    page = render_plan_page(document(pullRequest=pull), HEAD)
+    assert '<a\nhref="https://github.com/acme/models/pull/7">#7</a>' in page
+    assert "more &lt;i&gt;echo&lt;/i&gt;" in page
+    page = render_plan_page(document(pullRequest={**pull, "url": "javascript:alert(1)"}), HEAD)
+    assert "javascript:" not in page and "#7" in page
+    assert "Pull request" not in render_plan_page(document(), HEAD)

@@ -69,3 +69,34 @@ def test_without_the_token_it_is_a_401(setup: tuple[TestClient, Path]) -> None:
     assert client.post("/api/v1/releases", json={}).status_code == 401
 
 
+
+
+def test_with_a_forge_the_release_opens_its_pull_request(tmp_path: Path) -> None:
+    from modelfleet.reconciler.status.pulls import GitHubPulls
+    from tests.reconciler.status.forge_standin import StandInForge
+
+    origin, work = tmp_path / "origin.git", tmp_path / "work"
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
+    git(tmp_path, "clone", "-q", str(origin), str(work))
+    (work / "models").mkdir()
+    (work / "environments.yaml").write_text(ENVIRONMENTS)
+    (work / "models" / "tiny-classifier.yaml").write_text(CLASSIFIER)
+    (work / "models" / "tiny-classifier.mar").write_bytes(b"archive")
+    git(work, "add", "-A")
+    git(work, "commit", "-q", "-m", "initial")
+    git(work, "push", "-q", "origin", "main")
+    with StandInForge("github", "forge-tok-1", "acme/models") as forge:
+        daemon: Any = SimpleNamespace(
+            status=SimpleNamespace(to_json=lambda: {}, observed_once=True, deployments={}),
+            artifacts=ArtifactStore(tmp_path / "state"),
+            reviews=SimpleNamespace(pulls=GitHubPulls(forge.url, "acme/models", "forge-tok-1", timeout=2)),
+            config=SimpleNamespace(state_dir=str(tmp_path / "state"),
+                                   repo=SimpleNamespace(url=str(origin), branch="main")))
+        client = TestClient(make_api(daemon, TOKEN, None, lambda reason: None), raise_server_exceptions=False)
+        body = {"model": "tiny-classifier", "from": "development", "to": "production", "branch": "release/one"}
+        first = client.post("/api/v1/releases", headers=AUTH, json=body)
+        assert first.status_code == 201, first.text
+        assert first.json()["pullRequest"] == {"number": 1, "url": f"{forge.url}/acme/models/pull/1",
+                                               "created": True}
+        assert (forge.pulls[1]["head"], forge.pulls[1]["base"]) == ("release/one", "main")
+        assert forge.violations == []

@@ -97,8 +97,39 @@ class ExecutionTextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "mf_fields", None)
         when = fields.get("time") if isinstance(fields, dict) else None
-        stamp = datetime.fromtimestamp(when if isinstance(when, float) else record.created, UTC)
-        return f"{stamp.isoformat(timespec='milliseconds').replace('+00:00', 'Z')} execution {record.getMessage()}"
+        return f"{_utc(when if isinstance(when, float) else record.created)} execution {record.getMessage()}"
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ExecutionHandler(logging.StreamHandler):
+    """The execution lines' handler: single records like any handler, and :meth:`emit_batch`, which
+    formats a batch of records (their fields and text) and writes them at once — the gateway's
+    recorder thread calls it every half second, at a few microseconds a line."""
+
+    def __init__(self, stream: IO[str], *, as_json: bool) -> None:
+        super().__init__(stream)
+        self.as_json = as_json
+        self.setFormatter(JsonFormatter() if as_json else ExecutionTextFormatter())
+
+    def emit_batch(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """``batch``: (message, fields) of each execution, oldest first."""
+        if self.as_json:
+            lines = [json.dumps({"time": _utc(fields["time"]), "level": "info", "logger": EXECUTIONS_LOGGER,
+                                 "message": message, **{k: v for k, v in fields.items() if k != "time"}},
+                                ensure_ascii=False, default=str) for message, fields in batch]
+        else:
+            lines = [f"{_utc(fields['time'])} execution {message}" for message, fields in batch]
+        if not lines:
+            return
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.flush()
+            except Exception:  # a closed or full stream: as logging does, never raise into the caller
+                self.handleError(logging.makeLogRecord({"msg": "execution lines", "levelno": logging.INFO}))
 
 
 class JsonFormatter(logging.Formatter):
@@ -110,8 +141,7 @@ class JsonFormatter(logging.Formatter):
             fields = {}
         when = fields.get("time")  # an execution: when its request arrived
         data: dict[str, Any] = {
-            "time": datetime.fromtimestamp(when if isinstance(when, float) else record.created, UTC)
-            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": _utc(when if isinstance(when, float) else record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": redact_url(record.getMessage()),
@@ -156,9 +186,7 @@ def setup_logging(format: str = "text", level: str = "info", verbose: bool = Fal
     executions = logging.getLogger(EXECUTIONS_LOGGER)
     for old in list(executions.handlers):
         executions.removeHandler(old)
-    plain = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    plain.setFormatter(JsonFormatter() if format == "json" else ExecutionTextFormatter())
-    executions.addHandler(plain)
+    executions.addHandler(ExecutionHandler(stream if stream is not None else sys.stderr, as_json=format == "json"))
     executions.propagate = False
     root.setLevel(logging.DEBUG if verbose else LEVELS.get(level, logging.INFO))
     for noisy in NOISY_LOGGERS:

@@ -172,3 +172,25 @@ def test_execution_lines_get_a_plain_handler_of_their_own() -> None:
             data = json.loads(line)
             assert data["time"] == "2023-11-14T22:13:20.500Z" and data["request_id"] == "r1"
     logs.setup_logging("text")
+
+
+def test_the_gateway_writes_a_batch_of_execution_lines_at_once() -> None:
+    from modelfleet.reconciler.gateway.executions import ExecutionRecorder
+    from modelfleet.reconciler.gateway.metrics import GatewayMetrics
+
+    for format in ("text", "json"):
+        stream = io.StringIO()
+        logs.setup_logging(format, stream=stream)
+        recorder = ExecutionRecorder(GatewayMetrics(), gateway_id="g")
+        for i in range(3):
+            recorder.record(f"id{i}", "m", "production", 200, 0.002, 0, 5, None, False, False, i == 2)
+        recorder.flush()
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 3
+        if format == "text":
+            assert lines[2].endswith("execution m/production 200 2.0ms 5B - - - id=id2 [retry]"), lines[2]
+        else:
+            data = json.loads(lines[2])
+            assert (data["logger"], data["request_id"], data["retry"], data["gateway"]) == \
+                ("modelfleet.executions", "id2", True, "g")
+    logs.setup_logging("text")

@@ -30,7 +30,7 @@ import httpx
 
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.routes import Backend
-from modelfleet.reconciler.logs import EXECUTIONS_LOGGER
+from modelfleet.reconciler.logs import EXECUTIONS_LOGGER, ExecutionHandler
 from modelfleet.reconciler.secrets import redact_url
 from modelfleet.state.executions import MAX_BATCH, describe
 
@@ -145,6 +145,10 @@ class ExecutionRecorder:
         gateway, location = self.gateway_id, self.location or ""
         records = []
         logging_on = execution_log.isEnabledFor(logging.INFO)
+        # One write for the whole batch where the handler is ours (setup_logging), else a record each.
+        handlers = execution_log.handlers
+        batch_handler = handlers[0] if len(handlers) == 1 and isinstance(handlers[0], ExecutionHandler) else None
+        lines: list[tuple[str, dict[str, Any]]] = []
         for row in new:
             record = dict(zip(_FIELDS, row, strict=True))
             record["gateway"] = gateway
@@ -152,8 +156,14 @@ class ExecutionRecorder:
             records.append(record)
             self.metrics.execution(record["model"], record["environment"], record["spec_hash"], record["location"],
                                    record["status"], record["duration_ms"] / 1000, record["cold_start"])
-            if logging_on:
+            if not logging_on:
+                continue
+            if batch_handler is not None:
+                lines.append((describe(record), record))
+            else:
                 execution_log.info(describe(record), extra={"mf_fields": record})
+        if batch_handler is not None and lines:
+            batch_handler.emit_batch(lines)
         if self.url is not None:
             if len(self._pending) + len(records) > (self._pending.maxlen or 0):
                 self.dropped += len(self._pending) + len(records) - (self._pending.maxlen or 0)

@@ -11,10 +11,12 @@ from collections.abc import Mapping, Sequence
 from modelfleet.state.inventory import InventoryRow
 from modelfleet.state.plan import ActionOutcome
 from modelfleet.state.planning import Plan, failed_rollout_marker, scale_json
+from modelfleet.state.routes import gateways_behind, route_key
 from modelfleet.state.status import (
     AGGREGATE_CONTEXT,
     DELETION_HELD,
     DISABLED,
+    GATEWAYS_SWITCHING,
     HOST_ERROR,
     INVALID_MANIFEST,
     READY,
@@ -62,7 +64,12 @@ def deployment_statuses(
     failed_rollouts: Mapping[str, str],
     previous: Mapping[Key, DeploymentStatus],
     now: float,
+    route_versions: Mapping[str, int] | None = None,
+    acknowledged: Mapping[str, int] | None = None,
 ) -> dict[Key, DeploymentStatus]:
+    """``route_versions``: route key -> the route table version since which it has its current
+    backends; ``acknowledged``: the live gateways' id -> the version each serves. A deployment is
+    ready only once every gateway serves its routes (else pending, ``GatewaysSwitching``)."""
     revision = plan.desired.revision
     not_routed = plan.unreachable_hosts
     # Index once per pass: each deployment is then a few lookups, not a scan of everything.
@@ -110,7 +117,13 @@ def deployment_statuses(
         elif state.unschedulable and len(ready_rows) < desired_running:
             status, reason, message = "failure", UNSCHEDULABLE, f"unschedulable: {state.unschedulable}"
         elif len(ready_rows) >= desired_running:
-            if desired_running:
+            behind = gateways_behind((route_versions or {}).get(route_key(*key), 0), acknowledged or {})
+            if desired_running and behind:
+                status, reason = "pending", GATEWAYS_SWITCHING
+                message = (f"{len(ready_rows)}/{desired_running} ready on {', '.join(hosts)} at {short}; waiting for "
+                           f"gateway(s) {', '.join(behind)} to serve route table "
+                           f"v{(route_versions or {})[route_key(*key)]}")
+            elif desired_running:
                 status, reason = "success", READY
                 message = f"{len(ready_rows)}/{desired_running} ready on {', '.join(hosts)} at {short}"
             else:

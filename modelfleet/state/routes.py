@@ -3,7 +3,7 @@ follow, and which of its replicas a gateway prefers (the nearest)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -25,3 +25,8 @@ def prefer_nearby(items: Sequence[T], location: str, continent: str | None,
         if same_continent:
             return same_continent
     return tuple(items)
+
+
+def gateways_behind(version: int, acknowledged: Mapping[str, int]) -> list[str]:
+    """The gateways (id -> the route table version each serves) that do not serve ``version`` yet."""
+    return sorted(gateway for gateway, served in acknowledged.items() if served < version)

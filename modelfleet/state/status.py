@@ -21,6 +21,7 @@ UNSCHEDULABLE = "Unschedulable"
 HOST_ERROR = "HostError"
 DISABLED = "Disabled"
 STANDBY = "ScaledToZero"
+GATEWAYS_SWITCHING = "GatewaysSwitching"  # ready, but a gateway does not serve the route table with it yet
 DELETION_HELD = "DeletionHeld"  # removals held by deletion safety (state/safety.py) until confirmed
 STALLING_REASONS = frozenset({INVALID_MANIFEST, UNSCHEDULABLE, ROLLOUT_FAILED, DELETION_HELD})
 

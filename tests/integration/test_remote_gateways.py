@@ -96,6 +96,10 @@ def fleet(clean_hosts: list[TestHost], tmp_path: Path) -> Iterator[Fleet]:
         yield fleet
 
 
+def daemon_log(fleet: Fleet) -> str:
+    return "".join(path.read_text(errors="replace") for path in sorted(fleet.root.glob("daemon-*.log")))
+
+
 def replica_hosts(fleet: Fleet) -> dict[str, str]:
     """Container hostname (its short id, what echo answers with) -> the pool host it runs on."""
     return {c["id"][:12]: c["host"] for c in fleet.containers() if c["state"] == "running"}
@@ -171,3 +175,20 @@ def test_two_remote_gateways_serve_locally_through_an_outage_and_a_blue_green_sw
             versions = [version for _, version in load.answers]
             assert versions[0] == "v1" and versions[-1] == "v2"
             assert versions == sorted(versions), "v1 again after v2"  # one switch, never back
+
+        # A gateway that does not follow for a while (frozen, still counted live for up to 10 s): the
+        # rollout waits for it before removing an old replica, and says which one it waits for.
+        fleet.wait(lambda: fleet.deployment("echo", ENVIRONMENT).get("state") == "success", 60, "v2 rolled out")
+        waits_before = daemon_log(fleet).count("waiting for gateway(s) gw-paris-1-w")
+        os.killpg(paris.process.pid, signal.SIGSTOP)
+        try:
+            revision = fleet.push({"models/echo.yaml": echo_model(version="v3", replicas=3, environment=ENVIRONMENT)},
+                                  "v3")
+            fleet.wait(lambda: daemon_log(fleet).count("waiting for gateway(s) gw-paris-1-w") > waits_before, 30,
+                       "the rollout waiting for the frozen paris gateway")
+        finally:
+            os.killpg(paris.process.pid, signal.SIGCONT)
+        fleet.wait(lambda: (d := fleet.deployment("echo", ENVIRONMENT)).get("revision") == revision
+                   and d.get("state") == "success", 60, "v3 ready")
+        with httpx.Client(trust_env=False) as client:
+            fleet.wait(lambda: paris.call(client).json().get("version") == "v3", 20, "paris serving v3")

@@ -241,3 +241,24 @@ def test_the_monitor_leaves_alone_a_replica_the_pass_takes_down() -> None:
     assert [a.op for a in first.actions] == ["remove"] and len(first.probes) == 1
     answered = plan(replace(inputs, probe_results={(check.host, check.name): True}))
     assert answered.monitored == []
+
+
+def test_ready_replicas_are_pending_until_every_gateway_serves_their_routes() -> None:
+    from modelfleet.state.routes import gateways_behind
+    from modelfleet.state.status import GATEWAYS_SWITCHING
+
+    assert gateways_behind(7, {"gw-a": 7, "gw-b": 6, "gw-c": 9}) == ["gw-b"]
+    assert gateways_behind(7, {}) == []
+    back = _pass(ready=False, answered=True)
+    assert back.inventory_rows is not None
+    key = ("m", "production")
+    waiting = deployment_statuses(back, back.inventory_rows, [], {}, {}, 0.0, {"m/production": 7},
+                                  {"gw-a": 7, "gw-b": 6})[key]
+    assert (waiting.state, waiting.reason) == ("pending", GATEWAYS_SWITCHING)
+    assert "waiting for gateway(s) gw-b to serve route table v7" in waiting.message
+    served = deployment_statuses(back, back.inventory_rows, [], {}, {}, 0.0, {"m/production": 7},
+                                 {"gw-a": 7, "gw-b": 7})[key]
+    assert served.state == "success"
+    other = deployment_statuses(back, back.inventory_rows, [], {}, {}, 0.0, {"other/production": 9},
+                                {"gw-b": 6})[key]
+    assert other.state == "success"  # a gateway behind on another deployment's routes holds up only that one

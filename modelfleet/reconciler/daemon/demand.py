@@ -46,6 +46,13 @@ class DemandBook:
             self._table_versions[report.gateway] = report.table_version
         return {key for key, load in report.deployments.items() if load.queued}
 
+    def acknowledged(self) -> dict[str, int]:
+        """The live gateways (heard from within REPORT_STALE_AFTER) -> the route table version each serves."""
+        now = self.clock()
+        with self._lock:
+            return {gateway: queue[-1].report.table_version for gateway, queue in self._reports.items()
+                    if queue and now - queue[-1].at <= REPORT_STALE_AFTER}
+
     def gateways(self) -> dict[str, dict[str, object]]:
         """The gateways heard from recently: when last, the table version they serve, where they are."""
         now = self.clock()

@@ -54,15 +54,17 @@ from modelfleet.state.outcome import deployment_statuses, failed_rollouts_after,
 from modelfleet.state.plan import ActionOutcome
 from modelfleet.state.planning import DesiredMemo, Plan, PlanInputs
 from modelfleet.state.readiness import ReadinessVerdict
-from modelfleet.state.routes import route_key
+from modelfleet.state.routes import gateways_behind, route_key
 from modelfleet.state.source import Condition, nothing_fetched, source_health
-from modelfleet.state.status import AGGREGATE_CONTEXT, DeploymentStatus, commit_statuses
+from modelfleet.state.status import AGGREGATE_CONTEXT, GATEWAYS_SWITCHING, DeploymentStatus, commit_statuses
 
 log = logging.getLogger("modelfleet.daemon")
 Key = tuple[str, str]
 # Passes for the autoscaler (an activation, a scale decision) converge on the commit already
 # fetched: a git fetch must not sit between a held request and its replica.
 SCALING_TRIGGERS = frozenset({"demand", "scale"})
+ACK_WAIT = 0.3  # seconds a pass waits for the gateways to serve its route table before deciding statuses
+REMOVAL_ACK_WAIT = 10.0  # seconds a rollout waits for the gateways to serve the table before removing a replica
 
 
 class Metrics:
@@ -171,6 +173,8 @@ class Daemon:
         self.store = Store(self.state_dir)
         self.routes = RouteStore(self.state_dir)
         self.route_watch = RouteWatch()
+        self._route_since: dict[str, tuple[tuple[str, ...], int]] = {}  # route key -> (backend URLs, version)
+        self._awaiting_gateways = 0  # the route table version some deployment waits for the gateways to serve
         self.source = GitSource(config.repo.url, config.repo.branch, self.state_dir, timeout=config.repo.fetch_timeout)
         self.hosts = {h.name: h for h in config.pool.hosts}
         self.clients = {h.name: HostClient(h, timeout=config.docker.timeout) for h in config.pool.hosts}
@@ -207,7 +211,8 @@ class Daemon:
         self.applier = Applier(self.clients, self.hosts, self.store, config.rollout, self.publish_routes,
                                drain_seconds=drain_seconds, stop_event=self.stop_event,
                                prepare_volumes=self.shipper.prepare_volumes, origin_env=self.shipper.container_env,
-                               gateway_secret=self.gateway_secrets.for_deployment)
+                               gateway_secret=self.gateway_secrets.for_deployment,
+                               await_gateways=self._await_gateways_before_removal)
         # Review branches (review.branches): planned after a pass on a thread of their own, never applied.
         self.reviews = ReviewPlanner(self)
 
@@ -243,9 +248,13 @@ class Daemon:
             if self._gateway_settings is None or self._gateway_settings[0] is not current:
                 self._gateway_settings = (current, *_gateway_settings(current))
             _, activation, overflow = self._gateway_settings
-            version = self.routes.publish({k: tuple(sorted(v, key=lambda b: b.container)) for k, v in table.items()},
-                                          activation=activation, overflow=overflow)
+            routes = {k: tuple(sorted(v, key=lambda b: b.container)) for k, v in table.items()}
+            version = self.routes.publish(routes, activation=activation, overflow=overflow)
             self.route_watch.published(version)  # the long-polls of remote gateways answer now
+            for key, backends in routes.items():  # since which version each deployment has these backends
+                urls = tuple(b.url for b in backends)
+                if self._route_since.get(key, ((), 0))[0] != urls:
+                    self._route_since[key] = (urls, version)
             return version
 
     # --- the pass -------------------------------------------------------------------------------
@@ -337,8 +346,13 @@ class Daemon:
         self.readiness.step(plan.unanswered)
         self.publish_routes()
         # 8. Statuses from what is now true.
+        route_versions = {key: since for key, (_, since) in self._route_since.items()}
+        self._wait_for_gateways(max(route_versions.values(), default=0))
         statuses = deployment_statuses(plan, self.store.inventory(), report.outcomes, failed_rollouts,
-                                       self.status.deployments, self.clock())
+                                       self.status.deployments, self.clock(), route_versions,
+                                       self.demand.acknowledged())
+        self._awaiting_gateways = max((route_versions.get(route_key(*key), 0) for key, s in statuses.items()
+                                       if s.reason == GATEWAYS_SWITCHING), default=0)
         self._count_states(statuses)
         self.status.deployments = statuses
         global_errors = [str(e) for e in plan.catalog.errors]
@@ -358,6 +372,25 @@ class Daemon:
             "errors": len(plan.desired.errors),
         }
 
+    def _await_gateways_before_removal(self, version: int) -> None:
+        """An old replica goes only once every live gateway serves the table without it (at most
+        REMOVAL_ACK_WAIT: a gateway that does not follow any more must not hold rollouts forever)."""
+        if behind := gateways_behind(version, self.demand.acknowledged()):
+            log.info("waiting for gateway(s) %s to serve route table v%d before removing a replica",
+                     ", ".join(behind), version)
+        self._wait_for_gateways(version, REMOVAL_ACK_WAIT)
+        if behind := gateways_behind(version, self.demand.acknowledged()):
+            log.warning("removing a replica although gateway(s) %s do not serve route table v%d yet (waited %gs)",
+                        ", ".join(behind), version, REMOVAL_ACK_WAIT)
+
+    def _wait_for_gateways(self, version: int, timeout: float = ACK_WAIT) -> None:
+        """Give the live gateways a moment to serve route table ``version`` (they say so at once,
+        kicked by the new table) before the statuses are decided; one still behind after
+        ``timeout`` makes its deployments pending, and its report wakes a pass later."""
+        deadline = time.monotonic() + timeout
+        while gateways_behind(version, self.demand.acknowledged()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     # --- serverless -----------------------------------------------------------------------------
 
     def on_demand(self, report: DemandReport) -> set[str]:
@@ -366,6 +399,10 @@ class Daemon:
         held = self.demand.record(report)
         if held:
             self.triggers.fire("demand")
+        elif self._awaiting_gateways and report.table_version >= self._awaiting_gateways and not gateways_behind(
+                self._awaiting_gateways, self.demand.acknowledged()):
+            self._awaiting_gateways = 0
+            self.triggers.fire("demand")  # every gateway serves the new routes: the statuses say ready now
         return held
 
     def check_scaling(self) -> bool:

@@ -178,6 +178,8 @@ class Gateway:
         self.load.sync(table.activation)
         self.overflow.sync(table.overflow)
         self.activator.installed(table)
+        if self.reporter is not None:
+            self.reporter.kick()  # the daemon learns at once that this gateway serves the new table
 
     # -- ASGI ------------------------------------------------------------------------------------
 

@@ -65,7 +65,11 @@ class Applier:
         prepare_volumes: Callable[[HostClient, DesiredReplica], dict[str, dict[str, str]] | None] | None = None,
         origin_env: Callable[[dict[str, object] | None], dict[str, str]] | None = None,
         gateway_secret: Callable[[str, str], str | None] | None = None,
+        await_gateways: Callable[[int], None] | None = None,
     ) -> None:
+        """``await_gateways(version)``: returns once the gateways serve route table ``version`` (or
+        gave up waiting): an old replica is removed only after that, so a gateway that is slow to
+        follow (a remote one reconnecting) never sends a request to a replica that is gone."""
         self.clients = clients
         self.hosts = hosts
         self.store = store
@@ -76,6 +80,7 @@ class Applier:
         self.prepare_volumes = prepare_volumes
         self.origin_env = origin_env
         self.gateway_secret = gateway_secret
+        self.await_gateways = await_gateways
         self.prober = ReadinessProber()
         self._progress = threading.local()  # per deployment group: the progress deadline
         self._publish_lock = threading.Lock()
@@ -136,9 +141,17 @@ class Applier:
                  extra=_log_fields(pass_id, action))
         return ActionOutcome(action, True, None, False, time.monotonic() - started)
 
-    def _publish(self) -> None:
+    def _publish(self) -> int | None:
+        """Publish the route table; its version (None from a publisher that does not say)."""
         with self._publish_lock:
-            self.publish_routes()
+            version = self.publish_routes()
+        return version if isinstance(version, int) else None
+
+    def _drain(self, version: int | None) -> None:
+        """In-flight requests finish and the gateways serve the table without the replica."""
+        time.sleep(self.drain_seconds)
+        if version is not None and self.await_gateways is not None:
+            self.await_gateways(version)
 
     # --- operations -----------------------------------------------------------------------------
 
@@ -170,8 +183,7 @@ class Applier:
         assert action.current is not None
         current = action.current
         self.store.set_ready(current.host, current.name, False)
-        self._publish()
-        time.sleep(self.drain_seconds)
+        self._drain(self._publish())
         self.clients[current.host].stop(current.container_id)
 
     # --- steps ----------------------------------------------------------------------------------
@@ -261,9 +273,9 @@ class Applier:
 
     def _take_down(self, old: ObservedReplica) -> None:
         self.store.mark_removing(old.host, old.name)
-        self._publish()
+        version = self._publish()
         if old.running:
-            time.sleep(self.drain_seconds)  # in-flight requests finish, gateways see the new table
+            self._drain(version)
         self.clients[old.host].remove(old.container_id)
         self.store.forget(old.host, old.name)
 

@@ -46,11 +46,14 @@ def test_reports_at_once_when_a_deployment_starts_holding_requests(backends: Any
     # A second held request for the same deployment sends nothing more before the tick.
     second = InBackground(gw.url, "POST", "/models/m/predict", content=b'{"x": 2}')
     wait_for(lambda: gw.app.activator.held(KEY) == 2, "2 held requests")
-    gw.publish({KEY: (route(a),)}, activation)
-    assert who(request.result()) == "a" and who(second.result()) == "a"
     assert len(daemon.reports) == 1
+    newer = gw.publish({KEY: (route(a),)}, activation)
+    assert who(request.result()) == "a" and who(second.result()) == "a"
+    # The new table is acknowledged at once: one more report, with the version now served.
+    wait_for(lambda: len(daemon.reports) == 2, "the acknowledgement of the new table")
+    assert daemon.reports[1].table_version == newer
     assert gw.client.get("/routes").json()["demand"] == {"url": api.url + "/api/v1/demand", "gateway": "gw-par-1",
-                                                         "sent": 1, "failing": 0}
+                                                         "sent": 2, "failing": 0}
 
 
 def test_a_heartbeat_on_every_tick(make_gateway: Any, demand_server: Any) -> None:

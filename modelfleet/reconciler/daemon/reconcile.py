@@ -49,6 +49,7 @@ from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
 from modelfleet.reconciler.status.outbox import StatusOutbox
 from modelfleet.state.autoscaler import ScalerMemory, decide
 from modelfleet.state.demand import DemandReport, LoadSample, overflow_message
+from modelfleet.state.desired import reserved_capacity
 from modelfleet.state.loader import Catalog, load_tree
 from modelfleet.state.outcome import deployment_statuses, failed_rollouts_after, pending_statuses
 from modelfleet.state.plan import ActionOutcome
@@ -482,6 +483,7 @@ class Daemon:
                 log.info("removed unused model volume %s from %s", volume, name)
 
     def _record_hosts(self, observation: Observation, plan: Plan) -> None:
+        reserved = reserved_capacity(plan.desired, list(self.hosts.values()))
         for name, host in self.hosts.items():
             down = name in observation.down_hosts
             self.metrics.hosts_up.labels(name).set(0 if down else 1)
@@ -495,6 +497,8 @@ class Daemon:
                 "url": redact_url(host.url), "up": not down, "state": state, "error": observation.errors.get(name),
                 "location": host.location.model_dump(), "flavors": [f.name for f in host.flavors],
                 "capacity": {"cpus": host.capacity.cpus, "memory": host.capacity.memory},
+                # What the placement reserves there (state/desired.reserved_capacity).
+                "reserved": {"cpus": reserved[name][0], "memory": reserved[name][1]},
                 "replicas": sum(1 for r in observation.replicas if r.host == name),
                 "observe_seconds": observation.host_seconds.get(name),
             }

@@ -229,7 +229,8 @@ class UploadManager:
             names = [entry.name for entry in os.scandir(self.dir)]
         except OSError:
             return []
-        found = [self.get(name[:-len(".json")]) for name in names if name.endswith(".json") and not name.startswith(".")]
+        found = [self.get(name.removesuffix(".json")) for name in names
+                 if name.endswith(".json") and not name.startswith(".")]
         return sorted((s for s in found if s is not None), key=lambda s: s.updated, reverse=True)
 
     def appender(self, upload_id: str, offset: int) -> Appender:

@@ -37,6 +37,7 @@ def templates() -> Environment:
         _templates.filters["clock"] = lambda t: time.strftime("%H:%M:%S", time.gmtime(t)) if t else "-"
         _templates.filters["seconds"] = _seconds
         _templates.filters["bytes"] = _bytes
+        _templates.filters["cpus"] = lambda v: f"{v:g}" if isinstance(v, (int, float)) else "-"
     return _templates
 
 

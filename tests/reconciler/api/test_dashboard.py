@@ -114,7 +114,7 @@ def test_hosts_show_health_location_flavors_and_capacity_reserved_of_total() -> 
     text = text_of(render_sections(view(st))["hosts"])
     assert "par-0 up paris-1 (FR, EU) amd-genoa 2 / 8 (25 %) 8.0 GiB / 32.0 GiB (25 %)" in text
     assert "vir-2 down : down (replicas moved to other eligible hosts)" in text
-    assert "connection refused" in text and "0.0 / 8 (0 %)" in text
+    assert "connection refused" in text and "0 / 8 (0 %)" in text
 
 
 def test_passes_list_commits_actions_and_durations() -> None:

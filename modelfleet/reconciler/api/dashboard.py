@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -140,12 +141,55 @@ def render_sections(view: Mapping[str, Any]) -> dict[str, str]:
     return {name: env.get_template(f"dashboard/{name}.html").render(**view) for name in SECTIONS}
 
 
+def read(daemon: Daemon, uploads: UploadManager) -> tuple[Any, ...]:
+    """What the dashboard shows, as read now (a few SQLite reads and in-memory copies): the
+    arguments of ``shape``."""
+    status = daemon.status.to_json()
+    # Figures that move on every read and are not shown: left out, so that reading again finds no change.
+    status["gateways"] = {name: {k: v for k, v in info.items() if k != "lastReportSecondsAgo"}
+                          for name, info in (status.get("gateways") or {}).items()}
+    for d in status.get("deployments") or []:
+        if isinstance(d.get("load"), dict):
+            d["load"] = {k: v for k, v in d["load"].items() if k != "idleSeconds"}
+    return (status, daemon.store.recent_passes(PASSES_SHOWN),
+            daemon.store.recent_actions(ACTIONS_SHOWN), daemon.reviews.summaries(),
+            # Not the id: it is the capability to write into the session.
+            [{k: v for k, v in s.to_json().items() if k != "id"} for s in uploads.sessions()])
+
+
 def gather(daemon: Daemon, uploads: UploadManager) -> dict[str, Any]:
-    """Read what the dashboard shows (a few SQLite reads and in-memory copies)."""
-    return shape(daemon.status.to_json(), daemon.store.recent_passes(PASSES_SHOWN),
-                 daemon.store.recent_actions(ACTIONS_SHOWN), daemon.reviews.summaries(),
-                 # Not the id: it is the capability to write into the session.
-                 [{k: v for k, v in s.to_json().items() if k != "id"} for s in uploads.sessions()])
+    return shape(*read(daemon, uploads))
+
+
+class SectionFeed:
+    """The rendered sections, shared by every open event stream: read at most once per
+    ``max_age`` seconds, and rendered again only when what was read differs from last time (so
+    the cost does not grow with the number of open dashboards, and an idle daemon renders nothing)."""
+
+    def __init__(self, read: Callable[[], tuple[Any, ...]], max_age: float = POLL_SECONDS * 0.9,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._read = read
+        self._max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._at: float | None = None
+        self._key: str | None = None
+        self._sections: dict[str, str] = {}
+        self.renders = 0
+
+    def sections(self) -> dict[str, str]:
+        with self._lock:
+            now = self._clock()
+            if self._at is not None and now - self._at < self._max_age:
+                return self._sections
+            inputs = self._read()
+            key = json.dumps(inputs, sort_keys=True, default=str)
+            if key != self._key:
+                self._sections = render_sections(shape(*inputs))
+                self._key = key
+                self.renders += 1
+            self._at = now
+            return self._sections
 
 
 # --- server-sent events -------------------------------------------------------------------------
@@ -205,14 +249,12 @@ def dashboard_routes(daemon: Daemon, api_token: str | None, uploads: UploadManag
         view = await run_in_threadpool(gather, daemon, uploads)
         return HTMLResponse(render_page(view), headers={"Cache-Control": "no-store"})
 
+    feed = SectionFeed(lambda: read(daemon, uploads))
+
     async def events(request: Request) -> Response:
         if not authorized(request):
             return denied()
-
-        def render() -> dict[str, str]:
-            return render_sections(gather(daemon, uploads))
-
-        return StreamingResponse(event_stream(render, daemon.stop_event.is_set), media_type="text/event-stream",
+        return StreamingResponse(event_stream(feed.sections, daemon.stop_event.is_set), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     return [Route("/", page), Route(EVENTS_PATH, events)]

@@ -16,7 +16,14 @@ import pytest
 from starlette.testclient import TestClient
 
 from modelfleet.reconciler.api.app import make_api
-from modelfleet.reconciler.api.dashboard import SECTIONS, event_stream, render_page, render_sections, shape
+from modelfleet.reconciler.api.dashboard import (
+    SECTIONS,
+    SectionFeed,
+    event_stream,
+    render_page,
+    render_sections,
+    shape,
+)
 from modelfleet.reconciler.artifacts.store import ArtifactStore
 
 TOKEN = "dash-t0ken"
@@ -293,6 +300,30 @@ def test_the_event_stream_ends_when_the_daemon_stops() -> None:
     assert [c.strip().splitlines()[-1] for c in chunks[1:]] == ['data: {"sections":{"a":"1"}}',
                                                                  'data: {"sections":{"a":"2"}}']
     assert len(renders) == 2
+
+
+def test_the_section_feed_reads_once_per_interval_and_renders_only_changes() -> None:
+    """Shared by every open stream: ten dashboards polling cost one read per interval, and an
+    unchanged daemon costs no render."""
+    now = [0.0]
+    reads: list[int] = []
+    current = [status(deployments=[deployment("echo", "production")])]
+
+    def read() -> tuple[Any, ...]:
+        reads.append(1)
+        return (current[0], [], [], [], [])
+
+    feed = SectionFeed(read, max_age=1.0, clock=lambda: now[0])
+    first = feed.sections()
+    assert "echo/production" in first["deployments"]
+    for _ in range(10):  # ten streams within the same second
+        assert feed.sections() is first
+    assert len(reads) == 1 and feed.renders == 1
+    now[0] += 1.0
+    assert feed.sections() is first and len(reads) == 2 and feed.renders == 1  # read again, same: no render
+    current[0] = status(deployments=[deployment("echo", "production", "failure", message="it broke")])
+    now[0] += 1.0
+    assert "it broke" in feed.sections()["deployments"] and feed.renders == 2
 
 
 # --- the routes -------------------------------------------------------------------------------

@@ -126,3 +126,27 @@ def test_the_dashboard_follows_pushes_live_without_a_reload(fleet: Fleet, tmp_pa
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000
+
+
+def test_an_open_event_stream_does_not_hold_the_daemons_shutdown(fleet: Fleet) -> None:
+    fleet.wait(lambda: deployment(fleet, "echo").get("state") == "success", 60, "echo ready")
+    url = f"http://127.0.0.1:{fleet.api_port}/api/v1/dashboard/events?token={TOKEN}"
+    with httpx.Client(trust_env=False, timeout=httpx.Timeout(5, read=60)) as client, \
+            client.stream("GET", url) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = response.iter_lines()
+        assert next(lines) == "retry: 3000"
+        assert next(lines) == ""
+        assert next(lines) == "event: sections"
+        assert "echo/production" in next(lines)
+        process = fleet.process
+        assert process is not None
+        started = time.monotonic()
+        fleet.stop()  # SIGTERM, with the stream still open
+        took = time.monotonic() - started
+        rest = list(lines)  # the stream ends (the server closes it) instead of hanging
+    assert process.returncode == 0, fleet.log()
+    # Under the 5 s the daemon gives its API thread: the stream ended by itself, it was not abandoned.
+    assert took < 4, f"the daemon took {took:.1f} s to stop with an event stream open"
+    print(f"\nstopped in {took:.2f} s with an event stream open ({len(rest)} more lines)")

@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium (Playwright, Debian's /usr/bin/chromium) on the real
 daemon and the netns hosts, with an API token: the page opened with ?token= follows git pushes
 through its event stream without a reload (the new revision, a failing deployment's message, a
-review branch's plan), loads nothing from elsewhere, and a screenshot is kept as an artifact."""
+review branch's plan, the gateway's request and error rates), loads nothing from elsewhere, and a
+screenshot is kept as an artifact."""
 
 from __future__ import annotations
 
@@ -87,6 +88,18 @@ def test_the_dashboard_follows_pushes_live_without_a_reload(fleet: Fleet, tmp_pa
                        and deployment(fleet, "echo").get("state") == "success", 60, "echo v2 ready")
             sync_api.expect(echo).to_contain_text(second[:12], timeout=15_000)
             sync_api.expect(echo).to_contain_text("success")
+            # The gateway's traffic: requests to echo, 503s for big (no replica), per deployment.
+            for _ in range(20):
+                assert fleet.call("echo", "/").status_code == 200
+            for _ in range(5):
+                assert fleet.call("big", "/").status_code == 503
+            rates = fleet.wait(lambda: {d["model"]: d["traffic"] for d in api_status(fleet)["deployments"]
+                                        if d.get("traffic", {}).get("rps")}.keys() >= {"echo", "big"}
+                               and {d["model"]: d["traffic"] for d in api_status(fleet)["deployments"]}, 20,
+                               "request rates of echo and big")
+            assert rates["echo"]["errorsPerSecond"] == 0 and rates["big"]["errorsPerSecond"] > 0, rates
+            sync_api.expect(page.locator('[data-traffic="echo/production"]')).to_be_visible(timeout=10_000)
+            sync_api.expect(page.locator('[data-traffic="big/production"] td.failure')).to_be_visible(timeout=10_000)
             # The passes that did it, with their commits.
             sync_api.expect(page.locator("#s-passes")).to_contain_text(second[:12], timeout=15_000)
             # Hosts: capacity reserved / total (2 CPUs each; echo's one 0.1-CPU replica is the only one placed).

@@ -90,7 +90,7 @@ def shape(status: Mapping[str, Any], passes: Iterable[Mapping[str, Any]], action
         t["percent"] = _share(t.get("sent"), t.get("total")) or 0
     uploading = [{**u, "percent": _share(u.get("offset"), u.get("size"))} for u in uploads]
 
-    traffic = [d for d in deployments if d.get("load") or d.get("overflow")]
+    traffic = [d for d in deployments if d.get("traffic") or d.get("load") or d.get("overflow")]
     gateways = [{"name": name, **info} for name, info in sorted((status.get("gateways") or {}).items())]
     return {
         "status": status,

@@ -174,19 +174,20 @@ def test_transfers_in_progress_and_uploads_with_their_progress() -> None:
     assert progress == [{"max": "100", "value": "75", "aria-label": "sha256-abc to par-0"}]
 
 
-def test_traffic_shows_the_load_the_gateways_report_and_says_errors_are_not_reported() -> None:
+def test_traffic_shows_every_deployments_rates_and_the_serverless_load() -> None:
     st = status(deployments=[
         deployment("lazy", "production", load={"concurrency": 1.5, "rps": 12.25, "inFlight": 2, "queued": 1,
                                                "idleSeconds": 0.0}),
         deployment("onprem", "production", overflow={"endpointHealthy": False, "toEndpoint": 3, "toPool": 9}),
+        deployment("steady", "production", traffic={"rps": 40.5, "errorsPerSecond": 0.2, "window": 10.0}),
         deployment("quiet", "production")],
         gateways={"gw-1": {"lastReportSecondsAgo": 0.5, "tableVersion": 4, "location": "paris-1"}})
     text = text_of(render_sections(view(st))["traffic"])
-    assert "lazy/production 12.25 1.5 2 1 - -" in text
-    assert "onprem/production - - - - 3 (unhealthy) 9" in text
+    assert "lazy/production 12.25 - 1.5 2 1 - -" in text  # serverless, before a rate: the load's rps
+    assert "onprem/production - - - - - 3 (unhealthy) 9" in text
+    assert "steady/production 40.5 0.2 - - - - -" in text
     assert "quiet/production" not in text
     assert "gw-1 (paris-1), route table v4" in text
-    assert "modelfleet_gateway_backend_errors" in text  # where error counts are, since reports lack them
 
 
 # --- escaping and empty states ----------------------------------------------------------------
@@ -233,7 +234,7 @@ def test_an_empty_daemon_renders_every_section_with_its_empty_state() -> None:
     assert "No pass has run yet" in sections["passes"]
     assert "No review plans" in sections["reviews"]
     assert "No transfer in progress" in sections["transfers"]
-    assert "No load reported" in sections["traffic"]
+    assert "No traffic reported" in sections["traffic"]
     page = render_page(v)
     assert page.startswith("<!doctype html>") and '<html lang="en">' in page
     for name in SECTIONS:

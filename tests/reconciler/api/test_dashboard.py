@@ -149,15 +149,23 @@ def test_open_review_plans_are_the_latest_head_of_each_branch_and_say_when_stale
          "description": "models/x.yaml:3: bad"},
         {"branch": "review/a", "revision": "3" * 40, "base": "b" * 40, "plannedAt": 8.0, "state": "success",
          "description": "older head"},
+        {"branch": "feature-x", "revision": "4" * 40, "base": "b" * 40, "plannedAt": 7.0, "state": "success",
+         "description": "would change nothing",
+         "pullRequest": {"number": 12, "url": "https://forge.example/acme/models/pull/12", "title": "<b>Bold</b>"}},
+        {"branch": "pull/13", "revision": "5" * 40, "base": "b" * 40, "plannedAt": 6.0, "state": "success",
+         "description": "x", "pullRequest": {"number": 13, "url": "javascript:alert(1)", "title": "t"}},
     ]
     html = render_sections(view(reviews=reviews))["reviews"]
     text = text_of(html)
     assert "older head" not in text
     assert "review/a 111111111111" in text and "review/b 222222222222" in text
     assert text.count("stale") == 1 and "(stale: the base moved since)" in text.split("review/b")[1]
+    assert "pull request #12 <b>Bold</b>" in text and "pull request #13 t" in text  # a title is text
     links = [a for tag, a in parsed(html).tags if tag == "a"]
-    assert [a["href"] for a in links] == [f"plans/{'1' * 40}", f"plans/{'2' * 40}"]
-    assert all("data-api" in a for a in links)  # the page's script carries ?token= on them
+    plans = [a for a in links if "data-api" in a]  # the page's script carries ?token= on them
+    assert [a["href"] for a in plans] == [f"plans/{c * 40}" for c in "1245"]
+    # The forge's page of a pull request is linked when it is a web address (never javascript:).
+    assert [a["href"] for a in links if "data-api" not in a] == ["https://forge.example/acme/models/pull/12"]
 
 
 def test_transfers_in_progress_and_uploads_with_their_progress() -> None:

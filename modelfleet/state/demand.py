@@ -9,6 +9,7 @@ wall clock crosses machines); the daemon stamps each report with its own clock w
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # as gone (its load no longer counts).
 REPORT_INTERVAL = 2.0
 REPORT_STALE_AFTER = 10.0
+TRAFFIC_WINDOW = 10.0  # seconds of reports a deployment's request and error rates are taken over
 
 
 class _Wire(BaseModel):
@@ -48,6 +50,15 @@ class DeploymentLoad(_Wire):
                                                             "requests went (only the pool's count as load above).")
 
 
+class DeploymentTraffic(_Wire):
+    """One deployment's answers at one gateway since the gateway started (cumulative counters:
+    a rate is the difference of two reports, so a lost or overlapping report loses nothing)."""
+
+    requests: int = Field(0, ge=0, description="Requests answered, whatever the status code.")
+    errors: int = Field(0, ge=0, description="Of those, the ones answered 5xx (the gateway's own 502/503/504 "
+                                             "included).")
+
+
 class DemandReport(_Wire):
     """What one gateway reports."""
 
@@ -58,6 +69,9 @@ class DemandReport(_Wire):
     table_version: int = Field(0, ge=0, description="The route table version the gateway serves.")
     deployments: dict[str, DeploymentLoad] = Field(default_factory=dict,
                                                    description="route_key(model, environment) -> load.")
+    traffic: dict[str, DeploymentTraffic] = Field(
+        default_factory=dict, description="route_key(model, environment) -> requests and errors since the gateway "
+                                          "started, for every deployment of its route table that was requested.")
 
 
 @dataclass(frozen=True)
@@ -80,3 +94,42 @@ def overflow_message(overflow: OverflowLoad) -> str:
     else:
         where = "the overflow endpoint is unhealthy (or ejected) at a gateway: its traffic goes to the pool"
     return f"{where} ({overflow.to_endpoint} answered by the endpoint, {overflow.to_pool} sent to the pool lately)"
+
+
+@dataclass(frozen=True)
+class TrafficRate:
+    """A deployment's requests and 5xx answers per second, summed over the gateways."""
+
+    rps: float
+    errors_per_second: float
+    window: float  # the longest span of reports a rate was taken over (seconds)
+
+
+def traffic_rates(reports: Mapping[str, Sequence[tuple[float, Mapping[str, DeploymentTraffic]]]],
+                  window: float = TRAFFIC_WINDOW) -> dict[str, TrafficRate]:
+    """Per route key, the rates over the last ``window`` seconds of each gateway's reports
+    (gateway -> [(arrival time, its traffic counters)], oldest first), summed over the gateways.
+    A gateway's rate is (latest - the oldest report within the window) / the time between them; a
+    gateway with one report in the window gives none yet. A counter that went down (the gateway
+    restarted under the same id) counts from zero."""
+    rps: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    spans: dict[str, float] = {}
+    for received in reports.values():
+        if len(received) < 2:
+            continue
+        latest_at, latest = received[-1]
+        old_at, old = next(((at, c) for at, c in received if latest_at - at <= window), received[-1])
+        span = latest_at - old_at
+        if span <= 0:
+            continue
+        for key, now in latest.items():
+            before = old.get(key)
+            requests = now.requests - before.requests if before is not None else now.requests
+            failed = now.errors - before.errors if before is not None else now.errors
+            if requests < 0 or failed < 0:  # restarted: its counters began again from zero
+                requests, failed = now.requests, now.errors
+            rps[key] = rps.get(key, 0.0) + requests / span
+            errors[key] = errors.get(key, 0.0) + failed / span
+            spans[key] = max(spans.get(key, 0.0), span)
+    return {key: TrafficRate(round(rps[key], 3), round(errors[key], 3), round(spans[key], 3)) for key in rps}

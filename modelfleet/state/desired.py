@@ -371,3 +371,18 @@ def _eligible_hosts(
         else:
             excluded[host.name] = reason
     return eligible, excluded
+
+
+def reserved_capacity(desired: DesiredState, hosts: Sequence[Host]) -> dict[str, tuple[float, int]]:
+    """Per host, the CPUs and memory (bytes) the placement reserves there: the runtime resources of
+    every desired replica placed on it, running or a stopped standby (a standby keeps its room so
+    that starting it never fails for capacity). Every host of the pool is in the result (0 when
+    nothing is placed there). Replicas of frozen deployments are not desired, so not counted: the
+    placement does not count them either."""
+    cpus = {h.name: 0.0 for h in hosts}
+    memory = {h.name: 0 for h in hosts}
+    for replica in desired.replicas:
+        if replica.host in cpus:
+            cpus[replica.host] += replica.runtime.cpus
+            memory[replica.host] += replica.runtime.memory
+    return {name: (round(cpus[name], 6), memory[name]) for name in cpus}

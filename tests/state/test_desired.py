@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from modelfleet.reconciler.config import load_config
-from modelfleet.state.desired import compute_desired, spec_hash
-from tests.state.helpers import custom_model, desired_of, environment, fixture_pool, tree
+from modelfleet.state.desired import compute_desired, reserved_capacity, spec_hash
+from tests.state.helpers import custom_model, desired_of, environment, fixture_pool, host, tree
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples-repo"
 
@@ -101,3 +101,26 @@ def test_compute_desired_leaves_the_catalog_untouched_so_it_can_be_reused() -> N
     assert catalog.all_errors() == before == []
     assert [e.field for e in first.errors] == [e.field for e in second.errors] == ["spec.deployments[0].flavors[0]"]
     assert first.replicas == second.replicas
+
+
+def test_reserved_capacity_sums_what_the_placement_reserves_per_host() -> None:
+    """Running replicas and stopped standbys reserve their room; disabled deployments and hosts
+    without replicas reserve nothing (every host is listed)."""
+    hosts = [host("a", cpus=4, memory="4Gi"), host("b", cpus=4, memory="4Gi"), host("c", cpus=4, memory="4Gi")]
+    files = tree(**{"env.yaml": environment("production"), "m.yaml": custom_model(
+        "m", "environment: production\nreplicas: 2\nruntime: {type: custom, image: x:1, "
+             "resources: {cpus: 1.5, memory: 512Mi}}"),
+        "s.yaml": custom_model("s", "environment: production\nserverless: {minReplicas: 0, maxReplicas: 2}\n"
+                                    "runtime: {type: custom, image: y:1, resources: {cpus: 0.25, memory: 128Mi}}"),
+        "off.yaml": custom_model("off", "environment: production\nenabled: false\nreplicas: 3\n"
+                                        "runtime: {type: custom, image: z:1, resources: {cpus: 2}}")})
+    _, desired = desired_of(files, hosts)
+    reserved = reserved_capacity(desired, hosts)
+    assert set(reserved) == {"a", "b", "c"}
+    assert sum(c for c, _ in reserved.values()) == pytest.approx(2 * 1.5 + 0.25)  # the standby counts
+    assert sum(m for _, m in reserved.values()) == 2 * 512 * 2**20 + 128 * 2**20
+    for name, (cpus, memory) in reserved.items():
+        placed = [r for r in desired.replicas if r.host == name]
+        assert cpus == pytest.approx(sum(r.runtime.cpus for r in placed))
+        assert memory == sum(r.runtime.memory for r in placed)
+    assert reserved_capacity(desired, [*hosts, host("empty")])["empty"] == (0.0, 0)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import html
 import json
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from modelfleet.reconciler.secrets import bearer_token_matches
@@ -52,13 +50,6 @@ def _wire_bytes(header_value: str) -> bytes:
         return header_value.encode("latin-1")
     except UnicodeEncodeError:  # not from the wire: beyond latin-1, so compare its UTF-8 bytes
         return header_value.encode("utf-8", "surrogatepass")
-
-
-def _query_token_matches(candidate: str | None, token: str) -> bool:
-    """A ``?token=`` value (percent-decoded as UTF-8) against the token, in constant time on bytes."""
-    if not candidate:
-        return False
-    return hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"), token.encode("utf-8"))
 
 
 def pushed_branch(payload: Any) -> str | None:
@@ -134,21 +125,20 @@ def make_api(daemon: Daemon, api_token: str | None, webhook_secret: str | None,
         trigger("webhook")
         return JSONResponse({"queued": True}, status_code=202)
 
-    async def dashboard(request: Request) -> Response:
-        if not authorized(request) and not _query_token_matches(request.query_params.get("token"), api_token or ""):
-            return denied()
-        return HTMLResponse(render_dashboard(daemon.status.to_json()))
-
     from modelfleet.reconciler.api.artifacts import artifact_routes
     from modelfleet.reconciler.api.confirm import confirm_routes
+    from modelfleet.reconciler.api.dashboard import dashboard_routes
     from modelfleet.reconciler.api.demand import demand_routes
     from modelfleet.reconciler.api.executions import execution_routes
     from modelfleet.reconciler.api.plans import plan_routes
     from modelfleet.reconciler.api.releases import release_routes
     from modelfleet.reconciler.api.routes import route_table_routes
+    from modelfleet.reconciler.artifacts.uploads import UploadManager
 
+    uploads = UploadManager(daemon.artifacts)  # one for the upload routes and the dashboard's read-only view
     return Starlette(routes=[
-        *artifact_routes(daemon.artifacts, api_token),
+        *artifact_routes(daemon.artifacts, api_token, uploads=uploads),
+        *dashboard_routes(daemon, api_token, uploads),
         *demand_routes(daemon, api_token),
         *execution_routes(daemon, api_token),
         *plan_routes(daemon, api_token),
@@ -163,39 +153,5 @@ def make_api(daemon: Daemon, api_token: str | None, webhook_secret: str | None,
         Route("/api/v1/sync", sync, methods=["POST"]),
         Route("/metrics", metrics),
         Route("/webhook", webhook, methods=["POST"]),
-        Route("/", dashboard),
     ])
 
-
-_COLORS = {"success": "#1a7f37", "pending": "#9a6700", "failure": "#cf222e", "error": "#cf222e"}
-
-
-def render_dashboard(status: dict[str, Any]) -> str:
-    esc = html.escape
-    rows = "".join(
-        f"<tr><td>{esc(d['model'])}</td><td>{esc(d['environment'])}</td>"
-        f"<td style='color:{_COLORS.get(d['state'], '#000')}'><b>{esc(d['state'])}</b></td>"
-        f"<td>{d['ready_replicas']}/{d['desired_replicas']}</td><td>{esc(', '.join(d['hosts']))}</td>"
-        f"<td>{esc(d['message'])}</td></tr>"
-        for d in status["deployments"])
-    hosts = "".join(
-        f"<tr><td>{esc(h['name'])}</td><td>{'up' if h['up'] else '<b style=color:#cf222e>down</b>'}</td>"
-        f"<td>{esc(h['location']['name'])} ({esc(h['location']['country'])})</td>"
-        f"<td>{esc(', '.join(h['flavors']))}</td><td>{h['replicas']}</td></tr>"
-        for h in status["hosts"])
-    last = status.get("lastPass") or {}
-    when = time.strftime("%H:%M:%S", time.localtime(last["finishedAt"])) if last.get("finishedAt") else "-"
-    errors = "".join(f"<li><code>{esc(e)}</code></li>" for e in status.get("errors") or [])
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>modelfleet</title>
-<meta http-equiv="refresh" content="5">
-<style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left}}</style></head><body>
-<h1>modelfleet</h1>
-<p>Revision <code>{esc(str(status.get('revision') or '-'))}</code> · last applied
-<code>{esc(str(status.get('lastAppliedRevision') or '-'))}</code> · last pass {esc(when)}
-({esc(str(last.get('result', '-')))})</p>
-{f'<h2>Errors</h2><ul>{errors}</ul>' if errors else ''}
-<h2>Deployments</h2><table><tr><th>model</th><th>environment</th><th>state</th><th>ready</th><th>hosts</th>
-<th>message</th></tr>{rows}</table>
-<h2>Hosts</h2><table><tr><th>host</th><th>health</th><th>location</th><th>flavors</th><th>replicas</th></tr>
-{hosts}</table></body></html>"""

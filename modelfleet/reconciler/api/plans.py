@@ -33,7 +33,31 @@ def templates() -> Environment:
         _templates.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "-"
         _templates.filters["short"] = lambda s: str(s)[:12] if s else "-"
         _templates.filters["show"] = _show
+        # The dashboard's (api/dashboard.py).
+        _templates.filters["clock"] = lambda t: time.strftime("%H:%M:%S", time.gmtime(t)) if t else "-"
+        _templates.filters["seconds"] = _seconds
+        _templates.filters["bytes"] = _bytes
+        _templates.filters["cpus"] = lambda v: f"{v:g}" if isinstance(v, (int, float)) else "-"
     return _templates
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    if value < 10:
+        return f"{value:.2f} s"
+    if value < 120:
+        return f"{value:.1f} s"
+    return f"{int(value) // 60} min {int(value) % 60} s"
+
+
+def _bytes(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{int(value)} B"
 
 
 def _show(value: Any) -> str:

@@ -223,6 +223,16 @@ class UploadManager:
         return UploadState(upload_id, meta["name"], part.st_size, meta.get("size"), meta.get("sha256"),
                            meta.get("created", 0.0), max(updated, part.st_mtime))
 
+    def sessions(self) -> list[UploadState]:
+        """The upload sessions open now (read only: for the dashboard), most recently written first."""
+        try:
+            names = [entry.name for entry in os.scandir(self.dir)]
+        except OSError:
+            return []
+        found = [self.get(name.removesuffix(".json")) for name in names
+                 if name.endswith(".json") and not name.startswith(".")]
+        return sorted((s for s in found if s is not None), key=lambda s: s.updated, reverse=True)
+
     def appender(self, upload_id: str, offset: int) -> Appender:
         return Appender(self, upload_id, offset)
 

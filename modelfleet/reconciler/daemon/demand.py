@@ -16,7 +16,15 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from modelfleet.state.demand import REPORT_INTERVAL, REPORT_STALE_AFTER, DemandReport, LoadSample, OverflowLoad
+from modelfleet.state.demand import (
+    REPORT_INTERVAL,
+    REPORT_STALE_AFTER,
+    DemandReport,
+    LoadSample,
+    OverflowLoad,
+    TrafficRate,
+    traffic_rates,
+)
 
 KEEP = 120.0  # seconds of reports kept: more than any stable window needs
 
@@ -102,6 +110,15 @@ class DemandBook:
                 ))
             result[key] = samples
         return result
+
+    def traffic(self) -> dict[str, TrafficRate]:
+        """Per route key, requests and 5xx answers per second at the gateways still reporting
+        (state/demand.traffic_rates over their recent reports' cumulative counters)."""
+        now = self.clock()
+        with self._lock:
+            reports = {g: [(item.at, item.report.traffic) for item in q] for g, q in self._reports.items()
+                       if q and now - q[-1].at <= REPORT_STALE_AFTER}
+        return traffic_rates(reports)
 
     def in_flight(self) -> Mapping[str, float]:
         """Backend URL -> requests in flight at the gateways per their latest reports (for draining)."""

@@ -48,7 +48,8 @@ from modelfleet.reconciler.source.git import GitSource
 from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
 from modelfleet.reconciler.status.outbox import StatusOutbox
 from modelfleet.state.autoscaler import ScalerMemory, decide
-from modelfleet.state.demand import DemandReport, LoadSample, overflow_message
+from modelfleet.state.demand import DemandReport, LoadSample, TrafficRate, overflow_message
+from modelfleet.state.desired import reserved_capacity
 from modelfleet.state.loader import Catalog, load_tree
 from modelfleet.state.outcome import deployment_statuses, failed_rollouts_after, pending_statuses
 from modelfleet.state.plan import ActionOutcome
@@ -126,9 +127,14 @@ class DaemonStatus:
     def last_applied_revision(self) -> str | None:
         return self.store.fact(FACT_LAST_APPLIED) if self.store is not None else None
 
-    def _deployment_json(self, status: DeploymentStatus, load: dict[str, list[LoadSample]]) -> dict[str, Any]:
+    def _deployment_json(self, status: DeploymentStatus, load: dict[str, list[LoadSample]],
+                         traffic: dict[str, TrafficRate]) -> dict[str, Any]:
         data = status.to_json()
-        samples = load.get(route_key(status.model, status.environment))
+        key = route_key(status.model, status.environment)
+        rate = traffic.get(key)
+        if rate is not None:
+            data["traffic"] = {"rps": rate.rps, "errorsPerSecond": rate.errors_per_second, "window": rate.window}
+        samples = load.get(key)
         if samples:
             latest = samples[-1]
             data["load"] = {"concurrency": round(latest.concurrency, 3), "rps": round(latest.rps, 3),
@@ -142,6 +148,7 @@ class DaemonStatus:
 
     def to_json(self) -> dict[str, Any]:
         load = self.demand.samples() if self.demand is not None else {}
+        traffic = self.demand.traffic() if self.demand is not None else {}
         return {
             "revision": self.revision,
             "lastAttemptedRevision": self.last_attempted_revision,
@@ -152,7 +159,7 @@ class DaemonStatus:
             "sourceError": self.source_error,
             "sourceRecovery": self.source_recovery,
             "conditions": [asdict(self.source_condition)] if self.source_condition is not None else [],
-            "deployments": [self._deployment_json(d, load) for _, d in sorted(self.deployments.items())],
+            "deployments": [self._deployment_json(d, load, traffic) for _, d in sorted(self.deployments.items())],
             "gateways": self.demand.gateways() if self.demand is not None else {},
             "hosts": [dict(name=k, **v) for k, v in sorted(self.hosts.items())],
             # The 20 most recent (list() copies atomically: shipping threads write meanwhile).
@@ -519,6 +526,7 @@ class Daemon:
                 log.info("removed unused model volume %s from %s", volume, name)
 
     def _record_hosts(self, observation: Observation, plan: Plan) -> None:
+        reserved = reserved_capacity(plan.desired, list(self.hosts.values()))
         for name, host in self.hosts.items():
             down = name in observation.down_hosts
             self.metrics.hosts_up.labels(name).set(0 if down else 1)
@@ -532,6 +540,8 @@ class Daemon:
                 "url": redact_url(host.url), "up": not down, "state": state, "error": observation.errors.get(name),
                 "location": host.location.model_dump(), "flavors": [f.name for f in host.flavors],
                 "capacity": {"cpus": host.capacity.cpus, "memory": host.capacity.memory},
+                # What the placement reserves there (state/desired.reserved_capacity).
+                "reserved": {"cpus": reserved[name][0], "memory": reserved[name][1]},
                 "replicas": sum(1 for r in observation.replicas if r.host == name),
                 "observe_seconds": observation.host_seconds.get(name),
             }

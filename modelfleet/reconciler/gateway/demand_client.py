@@ -27,7 +27,8 @@ from modelfleet.reconciler.gateway.load import LoadMeter
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.overflow import OverflowRouter
 from modelfleet.reconciler.secrets import redact_url
-from modelfleet.state.demand import REPORT_INTERVAL, DemandReport
+from modelfleet.state.demand import REPORT_INTERVAL, DemandReport, DeploymentTraffic
+from modelfleet.state.routes import route_key
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -104,8 +105,13 @@ class DemandReporter:
         if self.overflow is not None and self.overflow.states:
             deployments = self.overflow.add_to(deployments, asyncio.get_running_loop().time(), self.load,
                                                reset=reset)
+        traffic = {}
+        for (model, environment), (requests, errors) in list(self.metrics.traffic.items()):
+            key = route_key(model, environment)
+            if key in table.routes:  # a deployment of the table served (the rest: gone, or never known)
+                traffic[key] = DeploymentTraffic(requests=requests, errors=errors)
         return DemandReport(gateway=self.gateway_id, location=self.location, interval=interval,
-                            table_version=table.version, deployments=deployments)
+                            table_version=table.version, deployments=deployments, traffic=traffic)
 
     async def send(self, *, reset: bool) -> bool:
         """Build and send one report; False when it did not reach the control plane (logged, never raised)."""

@@ -98,6 +98,8 @@ class GatewayMetrics:
         self._in_flight: dict[tuple[str, str], Gauge] = {}
         self._executions: dict[tuple[str, str, str, str, int], tuple[Counter, Histogram]] = {}
         self._latency: dict[tuple[str, str], Histogram] = {}
+        # (model, environment) -> [requests, 5xx answers] since the start: the demand reports' `traffic`.
+        self.traffic: dict[tuple[str, str], list[int]] = {}
 
     def observe(self, model: str, environment: str, code: int, seconds: float) -> None:
         key = (model, environment, code)
@@ -107,6 +109,12 @@ class GatewayMetrics:
         counter.inc()
         if code != 404:  # unknown deployments only count; they have no latency worth a series
             hkey = (model, environment)
+            totals = self.traffic.get(hkey)
+            if totals is None:
+                totals = self.traffic[hkey] = [0, 0]
+            totals[0] += 1
+            if code >= 500:
+                totals[1] += 1
             histogram = self._latency.get(hkey)
             if histogram is None:
                 histogram = self._latency[hkey] = self.latency.labels(model, environment)

@@ -30,6 +30,8 @@ def client(tmp_path: Path, triggers: list[str]) -> TestClient:
     daemon: Any = SimpleNamespace(
         status=SimpleNamespace(to_json=lambda: {"deployments": [], "hosts": []}, observed_once=True),
         config=SimpleNamespace(repo=SimpleNamespace(branch="main")),
+        store=SimpleNamespace(recent_passes=lambda limit: [], recent_actions=lambda limit: []),
+        reviews=SimpleNamespace(summaries=lambda: []),
         artifacts=ArtifactStore(tmp_path / "state"))
     return TestClient(make_api(daemon, TOKEN, SECRET, triggers.append), raise_server_exceptions=False)
 

@@ -14,6 +14,7 @@ from modelfleet.reconciler.config import ConfigError, parse_config
 from modelfleet.reconciler.gateway.demand_client import default_gateway_id
 from modelfleet.reconciler.gateway.routes import Activation
 from modelfleet.reconciler.gateway.server import GatewayError, create_gateway
+from modelfleet.state.demand import DeploymentTraffic
 from tests.http_server import bound_socket
 from tests.reconciler.gateway.harness import InBackground, route, wait_for, who
 
@@ -63,6 +64,27 @@ def test_a_heartbeat_on_every_tick(make_gateway: Any, demand_server: Any) -> Non
     assert all(r.deployments == {} for r in daemon.reports)  # nothing serverless: empty reports
     assert set(daemon.authorizations) == {None}  # no token configured, none sent
     assert 'modelfleet_gateway_demand_reports_total{result="ok"}' in gw.client.get("/metrics").text
+
+
+def test_reports_carry_the_requests_and_errors_of_every_deployment(backends: Any, make_gateway: Any,
+                                                                   demand_server: Any) -> None:
+    """Not only serverless ones: every deployment of the table that was requested, as counters since
+    the gateway started (5xx answers, the gateway's own 503 included, are errors; unknown paths are not
+    a deployment's)."""
+    _, a = backends("a")
+    daemon, api = demand_server()
+    gw = make_gateway({KEY: (route(a),), "down/production": ()}, control_plane=api.url, report_interval=0.05)
+    for _ in range(3):
+        assert who(gw.client.get("/models/m/x")) == "a"
+    for _ in range(2):
+        assert gw.client.get("/models/down/x").status_code == 503  # no ready replica
+    assert gw.client.get("/models/unknown/x").status_code == 404
+    want = {KEY: DeploymentTraffic(requests=3, errors=0), "down/production": DeploymentTraffic(requests=2, errors=2)}
+    wait_for(lambda: daemon.reports and daemon.reports[-1].traffic == want, "a report with the traffic")
+    assert daemon.reports[-1].deployments == {}  # nothing serverless: no load figures
+    count = len(daemon.reports)
+    wait_for(lambda: len(daemon.reports) >= count + 2, "two more reports")
+    assert daemon.reports[-1].traffic == want  # cumulative: the same counts until new requests
 
 
 def test_a_control_plane_that_is_down_does_not_affect_serving(backends: Any, make_gateway: Any,

@@ -570,26 +570,32 @@ def open_model(model_dir: Path, work_root: Path, model_file: str | None = None,
 
 
 class Batcher:
-    """TorchServe's batch aggregation on the event loop: requests wait in order; one batch at a
-    time goes to the model thread, with at most ``size`` requests, once ``size`` are waiting or
-    ``max_delay_ms`` after the batch started forming (when its first request found the model
-    free: a request that waited for the model thread then waits at most that long more, as in
-    TorchServe's BatchAggregator). Bounded: beyond ``queue_size`` requests accepted and not yet
-    answered, QueueFull. A batch that fails as a whole answers each of its requests."""
+    """TorchServe's batch aggregation, on the event loop.
+
+    Requests wait in order. A full batch (``size`` requests waiting) goes to the model thread at
+    once, even while the thread runs the previous one (at most ``MAX_IN_FLIGHT`` batches handed
+    over: the thread then starts the next without waiting for the loop, which matters for small
+    models). A partial batch waits for the model thread to be free, then at most ``max_delay_ms``
+    for more requests (TorchServe's BatchAggregator starts that clock when the worker polls), then
+    goes as it is. Bounded: beyond ``queue_size`` requests accepted and not yet answered,
+    QueueFull. A batch that fails as a whole answers each of its requests."""
+
+    MAX_IN_FLIGHT = 2
 
     def __init__(self, thread: ModelThread, queue_size: int) -> None:
         self.thread = thread
         self.queue_size = queue_size
         self._waiting: collections.deque[tuple[BatchItem, asyncio.Future[Prediction]]] = collections.deque()
         self._pending = 0
+        self._in_flight = 0
         self._task: asyncio.Task[None] | None = None
-        self._filled: asyncio.Future[None] | None = None
+        self._signal: asyncio.Future[None] | None = None
         self._size = DEFAULT_BATCH_SIZE
-        self.batches = 0  # handler calls made (describe's counter; tests)
+        self.batches = 0  # handler calls made (tests)
 
     @property
     def pending(self) -> int:
-        """Requests accepted and not answered yet (waiting, or in the batch being run)."""
+        """Requests accepted and not answered yet (waiting, or in a batch being run)."""
         return self._pending
 
     async def submit(self, model: LoadedModel, item: BatchItem) -> Prediction:
@@ -602,49 +608,77 @@ class Batcher:
         try:
             if self._task is None:
                 self._task = loop.create_task(self._run(model))
-            elif self._filled is not None and len(self._waiting) >= self._size and not self._filled.done():
-                self._filled.set_result(None)
+            elif len(self._waiting) >= self._size and self._in_flight < self.MAX_IN_FLIGHT:
+                self._notify()
             return await future
         finally:
             self._pending -= 1
+
+    def _notify(self) -> None:
+        signal = self._signal
+        if signal is not None and not signal.done():
+            signal.set_result(None)
+
+    async def _wait(self, timeout: float | None = None) -> None:
+        """Until ``_notify`` (a full batch formed, a batch finished) or ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        signal: asyncio.Future[None] = loop.create_future()
+        self._signal = signal
+        timer = loop.call_later(timeout, _resolve, signal) if timeout is not None else None
+        try:
+            await signal
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._signal = None
 
     async def _run(self, model: LoadedModel) -> None:
         loop = asyncio.get_running_loop()
         size = self._size = model.batching.size
         delay = model.batching.max_delay_ms / 1000
+        waiting = self._waiting
         try:
-            while self._waiting:
-                if size > 1 and delay > 0 and len(self._waiting) < size:
-                    deadline = loop.time() + delay
-                    while len(self._waiting) < size and (remaining := deadline - loop.time()) > 0:
-                        filled: asyncio.Future[None] = loop.create_future()
-                        self._filled = filled
-                        timer = loop.call_later(remaining, _resolve, filled)
-                        try:
-                            await filled
-                        finally:
-                            timer.cancel()
-                            self._filled = None
-                count = min(size, len(self._waiting))
-                batch = [self._waiting.popleft() for _ in range(count)]
-                items = [item for item, _ in batch]
-                self.batches += 1
-                try:
-                    results = await self.thread.run(functools.partial(model.predict_batch, items), bypass_limit=True)
-                except Exception as exc:  # the executor is gone (shutting down): answer, do not hang
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
+            while waiting:
+                if self._in_flight >= self.MAX_IN_FLIGHT or (self._in_flight and len(waiting) < size):
+                    await self._wait()  # the model thread is busy: the batch keeps forming
                     continue
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
+                if len(waiting) < size and size > 1 and delay > 0:
+                    deadline = loop.time() + delay  # the model thread is free: wait for the batch to fill
+                    while len(waiting) < size and (remaining := deadline - loop.time()) > 0:
+                        await self._wait(remaining)
+                self._dispatch(model, [waiting.popleft() for _ in range(min(size, len(waiting)))])
         finally:
             self._task = None
-            while self._waiting:  # stopped by an error or cancelled (shutdown): nobody is left waiting
-                _, future = self._waiting.popleft()
+            while waiting:  # stopped by an error or cancelled (shutdown): nobody is left waiting
+                _, future = waiting.popleft()
                 if not future.done():
                     future.set_exception(QueueFull("the server is shutting down"))
+
+    def _dispatch(self, model: LoadedModel, batch: list[tuple[BatchItem, asyncio.Future[Prediction]]]) -> None:
+        self.batches += 1
+        self._in_flight += 1
+        items = [item for item, _ in batch]
+        try:
+            running = self.thread.start(functools.partial(model.predict_batch, items))
+        except Exception as exc:  # the executor is gone (shutting down): answer, do not hang
+            self._finish(batch, None, exc)
+            return
+        running.add_done_callback(lambda done: self._finish(batch, done, None))
+
+    def _finish(self, batch: list[tuple[BatchItem, asyncio.Future[Prediction]]],
+                done: asyncio.Future[list[Prediction]] | None, error: BaseException | None) -> None:
+        self._in_flight -= 1
+        if done is not None:
+            error = done.exception() if not done.cancelled() else QueueFull("the server is shutting down")
+        if error is None and done is not None:
+            for (_, future), result in zip(batch, done.result(), strict=True):
+                if not future.done():
+                    future.set_result(result)
+        else:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error or QueueFull("the batch failed"))
+        self._notify()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

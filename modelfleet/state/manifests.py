@@ -64,6 +64,13 @@ Duration = Annotated[float, BeforeValidator(parse_duration),
                                                {"type": "string", "pattern": _DURATION_TEXT}]})]
 
 
+def _batch_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_SIZE:
+        raise ValueError(f"batchSize {value!r}: use a whole number 1-{MAX_BATCH_SIZE} (the requests handed to "
+                         f"the handler in one call at most)")
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -299,7 +306,8 @@ class Runtime(Strict):
     readiness_probe: ReadinessProbe | None = Field(
         None, description="When a new replica is ready (default: the runtime's health endpoint).")
     # TorchServe's dynamic batching (torch runtime only); None: the archive's model-config, else 1 / 100 ms.
-    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] | None = Field(
+    batch_size: Annotated[int, BeforeValidator(lambda v: _batch_size(v)), WithJsonSchema(
+        {"type": "integer", "minimum": 1, "maximum": MAX_BATCH_SIZE})] | None = Field(
         None, description="torch runtime: requests handed to the handler in one call at most (TorchServe's "
                           "batchSize, 1-1024; default: the archive's model-config, else 1).")
     max_batch_delay: Duration | None = Field(

@@ -18,7 +18,10 @@ batchSize 1 / maxBatchDelay 100 ms, then ``--batch-size`` / ``--max-batch-delay-
 * each measured with ``wrk -t1 -c<connections>`` (default 8) POSTing a small JSON input, directly and
   through the modelfleet gateway (``run_gateway`` with one route to the server);
 
-then prints requests/s, p50/p99 and the ratio runtime / TorchServe for the same setting and path.
+then prints requests/s, p50/p99, the servers' CPU time per request (all their processes and threads,
+from /proc: the fair figure when other jobs share the cores, as the scheduler gives a many-threaded
+JVM a larger share than one Python process) and the ratios runtime / TorchServe for the same
+setting and path.
 Both servers get ``OMP_NUM_THREADS`` (default 1) and share the machine's cores with wrk and the
 gateway. Every process is stopped in a ``finally`` (TorchServe with its whole process group).
 """
@@ -64,6 +67,21 @@ class Result:
     p99: float  # ms
     errors: int
     requests: int
+    cpu_us: float = 0.0  # CPU time of the server (all its processes and threads) per request, in µs
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU of every live process in process group ``pgid`` (TorchServe: the Java
+    frontend and its Python worker; the runtime: one process)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:  # field 5, pgrp
+            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -151,13 +169,19 @@ def torchserve_command(work: Path, store: Path, port: int, batch_size: int, dela
     return [str(exe), "--start", "--foreground", "--ncs", "--ts-config", str(config), "--disable-token-auth"]
 
 
-def measure_both(url: str, gateway_url: str | None, args: argparse.Namespace,
-                 work: Path) -> dict[str, Result]:
+def measure_both(url: str, gateway_url: str | None, args: argparse.Namespace, work: Path,
+                 pgid: int) -> dict[str, Result]:
+    def timed(target: str) -> Result:
+        before = group_cpu_seconds(pgid)
+        result = run_wrk(target, args.connections, args.duration, work)
+        result.cpu_us = (group_cpu_seconds(pgid) - before) / max(1, result.requests) * 1e6
+        return result
+
     run_wrk(url, args.connections, 2, work)  # warm-up (JIT, connection pools), not counted
-    results = {"direct": [run_wrk(url, args.connections, args.duration, work) for _ in range(args.rounds)]}
+    results = {"direct": [timed(url) for _ in range(args.rounds)]}
     if gateway_url is not None:
         run_wrk(gateway_url, args.connections, 2, work)
-        results["gateway"] = [run_wrk(gateway_url, args.connections, args.duration, work) for _ in range(args.rounds)]
+        results["gateway"] = [timed(gateway_url) for _ in range(args.rounds)]
     return {path: _median(rs) for path, rs in results.items()}
 
 
@@ -166,7 +190,7 @@ def _median(results: list[Result]) -> Result:
         return sorted(values)[len(values) // 2]
 
     return Result(mid([r.rps for r in results]), mid([r.p50 for r in results]), mid([r.p99 for r in results]),
-                  sum(r.errors for r in results), sum(r.requests for r in results))
+                  sum(r.errors for r in results), sum(r.requests for r in results), mid([r.cpu_us for r in results]))
 
 
 @contextlib.contextmanager
@@ -241,7 +265,7 @@ def main() -> int:
                 url = f"http://127.0.0.1:{port}/predictions/{MODEL}"
                 wait_answering(url, proc, 180, log)
                 with gateway_to(port, work, base_env, not args.no_gateway) as gateway_url:
-                    for path, result in measure_both(url, gateway_url, args, work).items():
+                    for path, result in measure_both(url, gateway_url, args, work, proc.pid).items():
                         rows.append(("TorchServe 0.12", size, delay, path, result))
             # the torch runtime, told as the daemon tells it
             port = free_port()
@@ -253,16 +277,18 @@ def main() -> int:
                 url = f"http://127.0.0.1:{port}/predictions/{MODEL}"
                 wait_answering(url, proc, 120, log)
                 with gateway_to(port, work, base_env, not args.no_gateway) as gateway_url:
-                    for path, result in measure_both(url, gateway_url, args, work).items():
+                    for path, result in measure_both(url, gateway_url, args, work, proc.pid).items():
                         rows.append(("torch runtime", size, delay, path, result))
     load_after = os.getloadavg()[0]
 
     print(f"\ntorch runtime vs TorchServe 0.12, same .mar (TinyNet + BaseHandler), wrk -t1 -c{args.connections}, "
           f"{args.duration}s x {args.rounds}, OMP_NUM_THREADS={args.omp_threads}, {os.cpu_count()} CPUs, "
           f"load average {load_before:.1f} before / {load_after:.1f} after")
-    print(f"{'server':<17}{'batch':>6}{'delay':>7}  {'path':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(f"{'server':<17}{'batch':>6}{'delay':>7}  {'path':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'CPU µs/req':>12}{'errors':>8}")
     for server, size, delay, path, r in rows:
-        print(f"{server:<17}{size:>6}{delay:>5}ms  {path:<8}{r.rps:>9.0f}{r.p50:>9.2f}{r.p99:>9.2f}{r.errors:>8}")
+        print(f"{server:<17}{size:>6}{delay:>5}ms  {path:<8}{r.rps:>9.0f}{r.p50:>9.2f}{r.p99:>9.2f}"
+              f"{r.cpu_us:>12.0f}{r.errors:>8}")
     by = {(server, size, delay, path): r for server, size, delay, path, r in rows}
     failed = sum(r.errors for *_, r in rows) > 0
     baseline = by.get(("TorchServe 0.12", 1, 100, "direct"))
@@ -272,7 +298,8 @@ def main() -> int:
             if ours is None or theirs is None:
                 continue
             ratio = ours.rps / theirs.rps
-            line = f"batchSize {size:>3}, {path:<8}: runtime / TorchServe = {ratio:.2f}x"
+            line = (f"batchSize {size:>3}, {path:<8}: runtime / TorchServe = {ratio:.2f}x req/s, "
+                    f"{theirs.cpu_us / max(ours.cpu_us, 1e-9):.2f}x requests per CPU-second")
             if baseline is not None and (size, delay) != (1, 100):
                 line += f"; / TorchServe's defaults direct ({baseline.rps:.0f} req/s) = {ours.rps / baseline.rps:.2f}x"
             print(line + ("  (target >= 2x)" if size > 1 else ""))

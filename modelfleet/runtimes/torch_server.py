@@ -25,7 +25,7 @@ handler is loaded with TorchServe's own contract, reusing the ``ts`` package of 
 ``initialize(context)``/``handle(data, context)``, or a module-level ``handle(data, context)``
 function, or ``module:function``) or one of TorchServe's default handlers by name
 (``image_classifier``, ``text_classifier``, ...), with a ``ts.context.Context`` built as the
-TorchServe worker builds it (model_dir, manifest, gpu_id None, batch size 1, the model's
+TorchServe worker builds it (model_dir, manifest, gpu_id None, the batch size, the model's
 ``configFile`` YAML, the metrics cache).
 
 Request data reaches the handler as TorchServe's frontend passes it: one dict per request with
@@ -48,9 +48,15 @@ the handler must run to completion or raise an ordinary exception (a crash, a ha
 says how long after the process started and where the time went (import torch, extraction, the
 handler, the warm-up); Python's garbage collector is paused while loading and warming up, and what
 was loaded is then frozen (``MODELFLEET_GC_FREEZE=0`` keeps it running; see ``_common.collector_paused``).
-Not implemented: server-side batching (the context says
-batch size 1; each request is one handler call), streaming responses
-(``send_intermediate_predict_response``), the management API (port 8081) and gRPC.
+Batching is TorchServe's (``Batcher``): at most ``batchSize`` requests per handler call (the
+context says that size), a batch handed over once that many wait or ``maxBatchDelay`` ms after it
+started forming; the settings come from the manifest (``MODELFLEET_BATCH_SIZE``,
+``MODELFLEET_MAX_BATCH_DELAY``), else the archive's model-config YAML, else 1 and 100 ms. A handler
+answering a batch with a list of the wrong length fails each of its requests (503). Inference
+requests with a plain body are answered straight on ASGI (``FastPath``: starlette's Request and
+Response cost ~40 % of a small model's request); forms and the other routes go through starlette.
+Not implemented: streaming responses (``send_intermediate_predict_response``), continuous batching,
+the management API (port 8081) and gRPC.
 """
 
 from __future__ import annotations

@@ -68,6 +68,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import mimetypes
 import os
 import shutil
@@ -80,6 +81,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _json_string  # json.dumps' (the C one when built)
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -429,8 +431,79 @@ def encode_output(value: Any, content_type: str | None) -> tuple[bytes, str]:
         buf = io.BytesIO()
         torch.save(value, buf)
         return buf.getvalue(), content_type or "application/octet-stream"
-    body = json.dumps(value, indent=2, default=_tolist).encode("utf-8")
+    body = dumps_indent2(value).encode("utf-8")
     return body, content_type or "application/json"
+
+
+class _Unusual(Exception):
+    """A value ``_encode`` leaves to json.dumps (a subclass, a non-str key, an object)."""
+
+
+def dumps_indent2(value: Any) -> str:
+    """``json.dumps(value, indent=2, default=_tolist)``, TorchServe's output format, byte for byte:
+    with ``indent`` json uses its pure-Python encoder (a twelfth of a small model's request); this
+    walks plain dicts, lists, strings and numbers directly, and hands anything else to json.dumps."""
+    out: list[str] = []
+    try:
+        _encode(value, "", out)
+    except (_Unusual, RecursionError):
+        return json.dumps(value, indent=2, default=_tolist)
+    return "".join(out)
+
+
+def _encode(value: Any, indent: str, out: list[str]) -> None:
+    kind = type(value)
+    if kind is str:
+        out.append(_json_string(value))
+    elif kind is float:
+        out.append(_json_float(value))
+    elif kind is int:
+        out.append(int.__repr__(value))
+    elif value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif kind is list or kind is tuple:
+        if not value:
+            out.append("[]")
+            return
+        inner = indent + "  "
+        separator = ",\n" + inner
+        out.append("[\n" + inner)
+        for index, item in enumerate(value):
+            if index:
+                out.append(separator)
+            _encode(item, inner, out)
+        out.append("\n" + indent + "]")
+    elif kind is dict:
+        if not value:
+            out.append("{}")
+            return
+        inner = indent + "  "
+        separator = ",\n" + inner
+        out.append("{\n" + inner)
+        for index, (key, item) in enumerate(value.items()):
+            if type(key) is not str:
+                raise _Unusual
+            if index:
+                out.append(separator)
+            out.append(_json_string(key) + ": ")
+            _encode(item, inner, out)
+        out.append("\n" + indent + "}")
+    else:
+        raise _Unusual
+
+
+def _json_float(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value == math.inf:
+        return "Infinity"
+    if value == -math.inf:
+        return "-Infinity"
+    return float.__repr__(value)
 
 
 def _tolist(value: Any) -> Any:

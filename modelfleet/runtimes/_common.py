@@ -285,6 +285,18 @@ class ModelThread:
             raise
         return await future
 
+    def start(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """``fn`` on the model thread, not counted against ``queue_size`` (the caller bounds its own
+        queue); its asyncio future, to await or to add callbacks to."""
+        with self._lock:
+            self._pending += 1
+        try:
+            return asyncio.get_running_loop().run_in_executor(self._executor, self._wrap(fn))
+        except BaseException:
+            with self._lock:
+                self._pending -= 1
+            raise
+
     def submit(self, fn: Callable[[], T]) -> None:
         """Run ``fn`` on the model thread without waiting (loading at startup)."""
         with self._lock:

@@ -20,6 +20,8 @@ Canonical variables (the daemon sets them; a manifest's ``runtime.env`` goes on 
     MODELFLEET_GATEWAY_SECRET the deployment's secret: requests without it in the   torch, transformers
                               X-Modelfleet-Gateway-Secret header are refused (401)
     MODELFLEET_OPEN_PATH      the readiness probe's path, answered without it        torch, transformers
+    MODELFLEET_BATCH_SIZE     requests per handler call at most (runtime.batchSize)  torch, when set
+    MODELFLEET_MAX_BATCH_DELAY  milliseconds a batch waits to fill (runtime.maxBatchDelay)  torch, when set
 
 Older names the servers documented before, and a manifest's ``runtime.env`` may still set, are
 read as fallbacks (``LEGACY_NAMES``): ``MODEL_DIR``, ``MODEL_FILE``, ``MODEL_NAME``, ``MODEL_ID``.
@@ -42,6 +44,11 @@ ENV_DEPLOYMENT_ENVIRONMENT = "MODELFLEET_ENVIRONMENT"
 ENV_PORT = "PORT"
 ENV_GATEWAY_SECRET = "MODELFLEET_GATEWAY_SECRET"
 ENV_OPEN_PATH = "MODELFLEET_OPEN_PATH"
+ENV_BATCH_SIZE = "MODELFLEET_BATCH_SIZE"
+ENV_MAX_BATCH_DELAY = "MODELFLEET_MAX_BATCH_DELAY"  # milliseconds, as TorchServe's maxBatchDelay
+# The bounds the manifest checks too (runtime.batchSize, runtime.maxBatchDelay).
+MAX_BATCH_SIZE = 1024
+MAX_BATCH_DELAY_MS = 10_000
 # The header the gateway adds to every request it forwards (and drops from what clients send).
 GATEWAY_SECRET_HEADER = "x-modelfleet-gateway-secret"
 ENV_HF_HUB_OFFLINE = "HF_HUB_OFFLINE"
@@ -73,7 +80,8 @@ _STRING_VARIABLES: dict[str, str] = {
     "open_path": ENV_OPEN_PATH,
 }
 VARIABLES: frozenset[str] = frozenset(
-    [*_STRING_VARIABLES.values(), ENV_PORT, ENV_HF_HUB_OFFLINE, ENV_TRANSFORMERS_OFFLINE])
+    [*_STRING_VARIABLES.values(), ENV_PORT, ENV_HF_HUB_OFFLINE, ENV_TRANSFORMERS_OFFLINE, ENV_BATCH_SIZE,
+     ENV_MAX_BATCH_DELAY])
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -97,10 +105,17 @@ class RuntimeEnvironment:
     offline: bool = False  # HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1
     gateway_secret: str | None = field(default=None, repr=False)  # never in reprs or logs
     open_path: str | None = None
+    batch_size: int | None = None  # TorchServe's batchSize: requests per handler call at most
+    max_batch_delay: int | None = None  # TorchServe's maxBatchDelay, in milliseconds
 
     def __post_init__(self) -> None:
         if self.port is not None and not 1 <= self.port <= 65535:
             raise ContractError(f"{ENV_PORT}={self.port}: not a port number; use 1-65535 (runtime.port)")
+        if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ContractError(f"{ENV_BATCH_SIZE}={self.batch_size}: use 1-{MAX_BATCH_SIZE} (runtime.batchSize)")
+        if self.max_batch_delay is not None and not 0 <= self.max_batch_delay <= MAX_BATCH_DELAY_MS:
+            raise ContractError(f"{ENV_MAX_BATCH_DELAY}={self.max_batch_delay}: use 0-{MAX_BATCH_DELAY_MS} "
+                                f"milliseconds (runtime.maxBatchDelay, at most 10s)")
         for name, variable in _STRING_VARIABLES.items():
             value = getattr(self, name)
             if value is not None and ("\0" in value or not value.strip()):
@@ -109,11 +124,14 @@ class RuntimeEnvironment:
     # --- the daemon's side ------------------------------------------------------------------------
 
     def for_deployment(self, model: str, environment: str, *, port: int | None, gateway_secret: str | None = None,
-                       open_path: str | None = None) -> RuntimeEnvironment:
+                       open_path: str | None = None, batch_size: int | None = None,
+                       max_batch_delay: int | None = None) -> RuntimeEnvironment:
         """This environment for one deployment's replicas (``port``: None when the server is told its
-        port otherwise, e.g. TEI/TGI's ``--port``; ``gateway_secret``: only for servers that check it)."""
+        port otherwise, e.g. TEI/TGI's ``--port``; ``gateway_secret``: only for servers that check it;
+        the batch settings: only for the torch runtime, None when the manifest leaves them out)."""
         return replace(self, deployment_model=model, deployment_environment=environment, port=port,
-                       gateway_secret=gateway_secret, open_path=open_path if gateway_secret else None)
+                       gateway_secret=gateway_secret, open_path=open_path if gateway_secret else None,
+                       batch_size=batch_size, max_batch_delay=max_batch_delay)
 
     def to_env(self) -> dict[str, str]:
         """The canonical variables of the fields that are set (nothing for ``None``)."""
@@ -123,6 +141,10 @@ class RuntimeEnvironment:
             env[ENV_PORT] = str(self.port)
         if self.offline:
             env[ENV_HF_HUB_OFFLINE] = env[ENV_TRANSFORMERS_OFFLINE] = "1"
+        if self.batch_size is not None:
+            env[ENV_BATCH_SIZE] = str(self.batch_size)
+        if self.max_batch_delay is not None:
+            env[ENV_MAX_BATCH_DELAY] = str(self.max_batch_delay)
         return env
 
     def merged_with(self, manifest_env: Mapping[str, str]) -> dict[str, str]:
@@ -167,6 +189,15 @@ class RuntimeEnvironment:
                 raise ContractError(f"{ENV_PORT}={raw_port!r}: not a port number; set it to 1-65535 "
                                     f"(the daemon sets it from runtime.port)")
             values["port"] = int(raw_port)
+        for field_name, variable, hint in (("batch_size", ENV_BATCH_SIZE, f"1-{MAX_BATCH_SIZE}"),
+                                           ("max_batch_delay", ENV_MAX_BATCH_DELAY,
+                                            f"0-{MAX_BATCH_DELAY_MS} milliseconds")):
+            raw = _get(environ, variable)
+            if raw is not None:
+                if not raw.isdigit():
+                    raise ContractError(f"{variable}={raw!r}: not a whole number; use {hint} "
+                                        f"(the daemon sets it from runtime.{_camel(field_name)})")
+                values[field_name] = int(raw)
         values["offline"] = (_get(environ, ENV_HF_HUB_OFFLINE) or "").lower() in _TRUE
         return cls(**values)
 
@@ -185,6 +216,11 @@ class RuntimeEnvironment:
         return {"model": self.deployment_model, "environment": self.deployment_environment,
                 "artifact": self.artifact, "model_id": self.model_id, "model_name": self.model_name,
                 "hf_commit": self.hf_commit}
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(part.capitalize() for part in rest)
 
 
 def _get(environ: Mapping[str, str], name: str) -> str | None:

@@ -83,6 +83,8 @@ class DesiredState:
 
 
 _UNHASHED_RUNTIME_FIELDS = ("reason", "extra")
+# Hashed only when set: a manifest without them keeps the hash it had before they existed.
+_HASHED_WHEN_SET = ("batch_size", "max_batch_delay_ms")
 
 
 def spec_hash(runtime: ResolvedRuntime, origin: Mapping[str, object] | None) -> str:
@@ -97,6 +99,9 @@ def spec_hash(runtime: ResolvedRuntime, origin: Mapping[str, object] | None) -> 
     runtime_material: dict[str, object] = dict(vars(runtime))
     for name in _UNHASHED_RUNTIME_FIELDS:
         del runtime_material[name]
+    for name in _HASHED_WHEN_SET:
+        if runtime_material[name] is None:
+            del runtime_material[name]
     runtime_material["probe"] = vars(runtime.probe)
     material = {"runtime": runtime_material, "origin": origin}
     blob = _HASH_ENCODER.encode(material).encode()

@@ -37,6 +37,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MEMORY_TEXT = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT][iI]?[bB]?)?\s*$"
 _CPUS_TEXT = r"^([0-9]+m|[0-9]*\.?[0-9]+)$"
 _DURATION_TEXT = r"^\s*([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+\s*$"
+# runtime.batchSize / maxBatchDelay bounds (the torch runtime checks the same: runtimes/contract.py).
+MAX_BATCH_SIZE = 1024
+MAX_BATCH_DELAY_MS = 10_000
 
 
 def _dns_label(value: object) -> str:
@@ -59,6 +62,13 @@ Cpus = Annotated[float, BeforeValidator(parse_cpus),
 Duration = Annotated[float, BeforeValidator(parse_duration),
                      WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0},
                                                {"type": "string", "pattern": _DURATION_TEXT}]})]
+
+
+def _batch_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_SIZE:
+        raise ValueError(f"batchSize {value!r}: use a whole number 1-{MAX_BATCH_SIZE} (the requests handed to "
+                         f"the handler in one call at most)")
+    return value
 
 
 class Strict(BaseModel):
@@ -295,6 +305,32 @@ class Runtime(Strict):
     resources: Resources = Field(default_factory=Resources, description="CPU and memory limits.")
     readiness_probe: ReadinessProbe | None = Field(
         None, description="When a new replica is ready (default: the runtime's health endpoint).")
+    # TorchServe's dynamic batching (torch runtime only); None: the archive's model-config, else 1 / 100 ms.
+    batch_size: Annotated[int, BeforeValidator(lambda v: _batch_size(v)), WithJsonSchema(
+        {"type": "integer", "minimum": 1, "maximum": MAX_BATCH_SIZE})] | None = Field(
+        None, description="torch runtime: requests handed to the handler in one call at most (TorchServe's "
+                          "batchSize, 1-1024; default: the archive's model-config, else 1).")
+    max_batch_delay: Duration | None = Field(
+        None, description="torch runtime: how long the first request of a batch waits for the batch to fill "
+                          "(TorchServe's maxBatchDelay; whole milliseconds, 0-10s; default: the archive's "
+                          "model-config, else 100ms).")
+
+    @field_validator("max_batch_delay")
+    @classmethod
+    def _batch_delay(cls, value: float | None) -> float | None:
+        if value is None:
+            return None
+        millis = value * 1000
+        if millis > MAX_BATCH_DELAY_MS + 1e-6:
+            raise ValueError(f"maxBatchDelay {value:g}s is more than 10s; use 0-10s (e.g. 5ms)")
+        if abs(millis - round(millis)) > 1e-6:
+            raise ValueError(f"maxBatchDelay {millis:g}ms is not a whole number of milliseconds (TorchServe's "
+                             f"unit); use e.g. {max(0, round(millis))}ms")
+        return value
+
+    @property
+    def max_batch_delay_ms(self) -> int | None:
+        return None if self.max_batch_delay is None else round(self.max_batch_delay * 1000)
 
     @field_validator("env")
     @classmethod
@@ -308,6 +344,9 @@ class Runtime(Strict):
     def _custom_needs_image(self) -> Runtime:
         if self.type == "custom" and not self.image:
             raise ValueError("runtime.type custom needs runtime.image (the image to run)")
+        if self.type not in (None, "torch") and (self.batch_size is not None or self.max_batch_delay is not None):
+            raise ValueError(f"runtime.batchSize and runtime.maxBatchDelay are settings of the torch runtime, not of "
+                             f"runtime.type {self.type}: remove them (or use runtime.type torch)")
         return self
 
 
@@ -487,6 +526,11 @@ class Deployment(Strict):
             # Nothing to suggest a runtime from: a deployment without origin must say what it runs.
             raise ValueError("origin may be omitted only for runtime.type custom: set runtime.type custom "
                              "(with runtime.image), or give an origin to suggest the runtime from")
+        runtime = self.runtime
+        if (runtime is not None and runtime.type is None and self.origin is not None and self.origin.file is None
+                and (runtime.batch_size is not None or runtime.max_batch_delay is not None)):
+            raise ValueError("runtime.batchSize and runtime.maxBatchDelay are settings of the torch runtime, which "
+                             "serves model archives (origin.file); this origin gets another runtime: remove them")
         return self
 
     @property

@@ -56,6 +56,10 @@ class ResolvedRuntime:
     probe: ResolvedProbe
     reason: str  # why this runtime (named in the manifest, or suggested from the origin)
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # The torch runtime's batching (runtime.batchSize, runtime.maxBatchDelay in ms); None: not set in
+    # the manifest (then not in the spec hash either, so existing deployments keep their hash).
+    batch_size: int | None = None
+    max_batch_delay_ms: int | None = None
 
 
 EMBEDDING_TAGS = frozenset({"feature-extraction", "sentence-similarity"})
@@ -131,6 +135,8 @@ def resolve_runtime(
             failure_threshold=probe.failure_threshold,
         ),
         reason=reason,
+        batch_size=runtime.batch_size if kind == "torch" else None,
+        max_batch_delay_ms=runtime.max_batch_delay_ms if kind == "torch" else None,
     )
 
 

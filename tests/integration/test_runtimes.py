@@ -352,3 +352,58 @@ def test_the_runtimes_report_what_the_daemon_told_them(runtime_host: Any, clean_
                 assert told.gateway_secret and told.open_path in ("/ping", "/health")
                 bindings = inspect(runtime_host, container["id"])["HostConfig"]["PortBindings"]
                 assert {b["HostIp"] for b in bindings["8080/tcp"]} == {runtime_host.address}, bindings
+
+
+def test_torch_batch_settings_reach_the_container_and_a_change_rolls_it_out(runtime_host: Any,
+                                                                            clean_hosts: list[Any],
+                                                                            tmp_path: Path) -> None:
+    """runtime.batchSize / maxBatchDelay through the daemon: the container on the host is told them,
+    the runtime in it batches with them (TorchServe's describe through the gateway, the handler's
+    context), and changing batchSize is a new spec: a new container replaces the old one."""
+    fleet = make_fleet(tmp_path, clean_hosts, rollout={"healthyDeadline": "180s"})
+    fleet.push({
+        "environments.yaml": {"apiVersion": API, "kind": "Environment", "metadata": {"name": "production"},
+                              "spec": {"policies": ["first-host"]}},
+        "policies.yaml": {"apiVersion": API, "kind": "Policy", "metadata": {"name": "first-host"},
+                          "spec": {"type": "location", "locations": [{"type": "location", "name": "paris-1"}]}},
+    }, "base")
+    with running(fleet):
+        mar = mar_builder.build_eager_mar(tmp_path / "mar", name="tiny", version="1.0")
+        uploaded = httpx.put(f"http://127.0.0.1:{fleet.api_port}/api/v1/artifacts?name=tiny.mar",
+                             content=mar.read_bytes(), timeout=60, trust_env=False)
+        assert uploaded.status_code == 201, uploaded.text
+        digest = uploaded.json()["sha256"]
+
+        def push(batch_size: int) -> str:
+            runtime = {"type": "torch", "resources": {"cpus": 0.5, "memory": "1Gi"}, "batchSize": batch_size,
+                       "maxBatchDelay": "50ms"}
+            return fleet.push({"models/tiny.yaml": {
+                "apiVersion": API, "kind": "Model", "metadata": {"name": "tiny-model"},
+                "spec": {"deployments": [{"environment": "production", "replicas": 1,
+                                          "origin": {"file": {"sha256": digest}}, "runtime": runtime}]}}},
+                f"batchSize {batch_size}")
+
+        def ready(revision: str) -> Any:
+            d = fleet.deployment("tiny-model")
+            if d.get("reason") in ("RolloutFailed", "InvalidManifest"):
+                raise AssertionError(d["message"])
+            replicas = [c for c in fleet.containers() if c["labels"].get("modelfleet.model") == "tiny-model"]
+            return (d.get("revision") == revision and d.get("state") == "success" and d.get("ready_replicas") == 1
+                    and len(replicas) == 1 and fleet.routed() and replicas[0])
+
+        revision = push(4)
+        first = fleet.wait(lambda: ready(revision), 300, "tiny-model ready with batchSize 4")
+        gateway = f"http://127.0.0.1:{fleet.gateway_port}/models/tiny-model"
+        [described] = httpx.get(f"{gateway}/models/tiny", timeout=10, trust_env=False).json()
+        assert (described["batchSize"], described["maxBatchDelay"]) == (4, 50)
+        env = dict(item.split("=", 1) for item in inspect(runtime_host, first["id"])["Config"]["Env"])
+        assert (env["MODELFLEET_BATCH_SIZE"], env["MODELFLEET_MAX_BATCH_DELAY"]) == ("4", "50")
+        answer = httpx.post(f"{gateway}/predictions/tiny", json={"inputs": [1, 2, 3, 4]}, timeout=30, trust_env=False)
+        assert answer.status_code == 200 and answer.json()["batch_size"] == 4  # the handler's context
+
+        revision = push(2)
+        second = fleet.wait(lambda: (c := ready(revision)) and c["name"] != first["name"] and c, 300,
+                            "tiny-model rolled out with batchSize 2")
+        assert second["labels"]["modelfleet.spec-hash"] != first["labels"]["modelfleet.spec-hash"]
+        [described] = httpx.get(f"{gateway}/models/tiny", timeout=10, trust_env=False).json()
+        assert described["batchSize"] == 2

@@ -6,6 +6,7 @@ Used by the unit tests, the integration tests and benchmarks/bench_runtimes.py.
 - ``build_torchscript_mar``: a TorchScript module + the same handler (no model file).
 - ``build_function_mar``: a module-level ``handle(data, context)`` that describes its input.
 - ``build_failing_mar``: a handler whose initialize() raises.
+- ``build_batch_mar``: a handler that says which call and batch each request was answered in.
 """
 
 from __future__ import annotations
@@ -111,6 +112,31 @@ FAILING_HANDLER_PY = textwrap.dedent('''\
     ''')
 
 
+# Batching: every answer says which handler call it came from and how many requests that call got;
+# a request {"wrong": true} in a batch makes the handler return one answer too few.
+BATCH_HANDLER_PY = textwrap.dedent('''\
+    import itertools
+
+    _calls = itertools.count(1)
+    _state = {}
+
+
+    def handle(data, context):
+        if data is None:
+            _state["batch_size"] = context.system_properties["batch_size"]
+            return None
+        call = next(_calls)
+        bodies = [row.get("body") for row in data]
+        answers = [{"call": call, "batch": len(data), "index": index, "body": body,
+                    "context_batch_size": _state["batch_size"],
+                    "request_id": context.get_request_id(index)}
+                   for index, body in enumerate(bodies)]
+        if any(isinstance(body, dict) and body.get("wrong") for body in bodies):
+            return answers[:-1]
+        return answers
+    ''')
+
+
 def archiver() -> str:
     exe = Path(sys.executable).with_name("torch-model-archiver")
     if exe.exists():
@@ -122,7 +148,8 @@ def archiver() -> str:
 
 
 def _archive(work: Path, name: str, version: str, handler: Path, *, serialized: Path | None = None,
-             model_file: Path | None = None, extra: list[Path] | None = None, export: Path) -> Path:
+             model_file: Path | None = None, extra: list[Path] | None = None, export: Path,
+             more_args: list[str] | None = None) -> Path:
     export.mkdir(parents=True, exist_ok=True)
     cmd = [archiver(), "--model-name", name, "--version", version, "--handler", str(handler),
            "--export-path", str(export), "--force"]
@@ -132,6 +159,7 @@ def _archive(work: Path, name: str, version: str, handler: Path, *, serialized: 
         cmd += ["--model-file", str(model_file)]
     if extra:
         cmd += ["--extra-files", ",".join(str(p) for p in extra)]
+    cmd += more_args or []
     subprocess.run(cmd, check=True, cwd=work, capture_output=True, text=True)
     mar = export / f"{name}.mar"
     assert mar.is_file(), f"torch-model-archiver made no {mar}"
@@ -194,3 +222,16 @@ def build_failing_mar(directory: Path, name: str = "broken") -> Path:
     work.mkdir(parents=True, exist_ok=True)
     (work / "broken_handler.py").write_text(FAILING_HANDLER_PY)
     return _archive(work, name, "1.0", work / "broken_handler.py", export=directory / f"out-{name}")
+
+
+def build_batch_mar(directory: Path, name: str = "batch", *, config: dict[str, int] | None = None) -> Path:
+    """BATCH_HANDLER_PY; ``config``: a model-config YAML in the archive (``batchSize``, ``maxBatchDelay``)."""
+    work = directory / f"src-{name}"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "batch_handler.py").write_text(BATCH_HANDLER_PY)
+    cmd_extra: list[str] = []
+    if config is not None:
+        (work / "model-config.yaml").write_text("".join(f"{k}: {v}\n" for k, v in config.items()))
+        cmd_extra = ["--config-file", str(work / "model-config.yaml")]
+    return _archive(work, name, "1.0", work / "batch_handler.py", export=directory / f"out-{name}",
+                    more_args=cmd_extra)

@@ -13,7 +13,7 @@ from modelfleet.runtimes.contract import ContractError, RuntimeEnvironment
 FULL = RuntimeEnvironment(
     model_dir="/model", artifact="hf:org/m@" + "a" * 40, model_archive="/model/m.mar", model_name="m",
     model_id="org/m", hf_commit="a" * 40, deployment_model="m", deployment_environment="production",
-    port=9000, offline=True, gateway_secret="s" * 64, open_path="/ping",
+    port=9000, offline=True, gateway_secret="s" * 64, open_path="/ping", batch_size=8, max_batch_delay=5,
 )
 
 
@@ -24,6 +24,7 @@ def test_to_env_uses_the_canonical_names_and_omits_what_is_unset() -> None:
         "MODELFLEET_HF_COMMIT": "a" * 40, "MODELFLEET_MODEL": "m", "MODELFLEET_ENVIRONMENT": "production",
         "PORT": "9000", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "MODELFLEET_GATEWAY_SECRET": "s" * 64, "MODELFLEET_OPEN_PATH": "/ping",
+        "MODELFLEET_BATCH_SIZE": "8", "MODELFLEET_MAX_BATCH_DELAY": "5",
     }
     assert RuntimeEnvironment().to_env() == {}
     assert RuntimeEnvironment(model_id="org/m").to_env() == {"MODELFLEET_MODEL_ID": "org/m"}
@@ -34,6 +35,30 @@ def test_what_the_daemon_writes_the_runtime_reads_back() -> None:
     assert RuntimeEnvironment.from_env(FULL.to_env(), strict=True) == FULL
     assert RuntimeEnvironment.from_env({}) == RuntimeEnvironment()
     assert set(FULL.to_env()) == contract.VARIABLES  # every field has its variable, and no more
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"MODELFLEET_BATCH_SIZE": "0"}, "MODELFLEET_BATCH_SIZE=0: use 1-1024 (runtime.batchSize)"),
+    ({"MODELFLEET_BATCH_SIZE": "2000"}, "MODELFLEET_BATCH_SIZE=2000: use 1-1024"),
+    ({"MODELFLEET_BATCH_SIZE": "eight"}, "MODELFLEET_BATCH_SIZE='eight': not a whole number; use 1-1024 "
+                                         "(the daemon sets it from runtime.batchSize)"),
+    ({"MODELFLEET_MAX_BATCH_DELAY": "10001"}, "MODELFLEET_MAX_BATCH_DELAY=10001: use 0-10000 milliseconds"),
+    ({"MODELFLEET_MAX_BATCH_DELAY": "5ms"}, "not a whole number; use 0-10000 milliseconds (the daemon sets it "
+                                            "from runtime.maxBatchDelay)"),
+])
+def test_batch_settings_out_of_range_name_the_variable_and_the_manifest_field(environ: dict[str, str],
+                                                                             message: str) -> None:
+    with pytest.raises(ContractError) as caught:
+        RuntimeEnvironment.from_env(environ)
+    assert message in str(caught.value)
+
+
+def test_batch_settings_are_given_to_a_deployment_and_default_to_unset() -> None:
+    base = RuntimeEnvironment(model_dir="/model")
+    assert "MODELFLEET_BATCH_SIZE" not in base.for_deployment("m", "prod", port=8080).to_env()
+    env = base.for_deployment("m", "prod", port=8080, batch_size=4, max_batch_delay=0).to_env()
+    assert (env["MODELFLEET_BATCH_SIZE"], env["MODELFLEET_MAX_BATCH_DELAY"]) == ("4", "0")
+    assert RuntimeEnvironment.from_env(env).max_batch_delay == 0  # 0 is a value (no waiting), not unset
 
 
 def test_defaults_when_nothing_is_set() -> None:

@@ -18,11 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modelfleet.runtimes import torch_server
 from modelfleet.runtimes.contract import RuntimeEnvironment
 from tests.runtimes import mar_builder
 from tests.runtimes.conftest import TorchServer
+from tests.state.helpers import examples
 
 X = [0.5, -1.0, 2.0, 0.25]
 
@@ -318,3 +321,21 @@ def test_extraction_cleans_up_after_an_earlier_run_of_the_same_container(archive
     assert not first.exists() and not dead.exists()
     assert second.is_dir() and foreign.is_dir() and live.is_dir()
     assert (second / "MAR-INF" / "MANIFEST.json").is_file()
+
+
+_JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
+                | st.text(max_size=8))
+_JSON_VALUES = st.recursive(_JSON_LEAVES, lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+                            | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(_JSON_VALUES)
+def test_outputs_are_encoded_exactly_as_torchserve_does(value: object) -> None:
+    assert torch_server.dumps_indent2(value) == json.dumps(value, indent=2)
+
+
+def test_unusual_outputs_fall_back_to_json_dumps() -> None:
+    assert torch_server.dumps_indent2({1: [2.5]}) == json.dumps({1: [2.5]}, indent=2)  # a non-str key
+    assert torch_server.dumps_indent2([torch.tensor([1.5])]) == '[\n  [\n    1.5\n  ]\n]'  # via tolist()
+    assert torch_server.dumps_indent2({"x": True.__class__(1)}) == '{\n  "x": true\n}'

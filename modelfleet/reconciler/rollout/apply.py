@@ -294,6 +294,7 @@ class Applier:
             want.model, want.environment,
             # our runtimes listen where the manifest says; TEI/TGI take --port (in their args)
             port=runtime.port if ours else None, gateway_secret=secret, open_path=runtime.probe.path,
+            batch_size=runtime.batch_size, max_batch_delay=runtime.max_batch_delay_ms,  # torch only (resolved)
         )
         env = contract.merged_with(dict(runtime.env))
         volumes = self.prepare_volumes(client, want) if self.prepare_volumes else None

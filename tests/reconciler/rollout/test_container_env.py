@@ -78,3 +78,12 @@ def test_the_manifest_env_goes_on_top_and_older_names_still_win(tmp_path: Path) 
 def test_an_origin_hook_outside_the_contract_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ContractError, match="MODELFLEET_HF_MODEL"):
         spec(tmp_path, manifest("transformers"), origin_env=lambda origin: {"MODELFLEET_HF_MODEL": "org/m"})
+
+
+def test_the_torch_runtime_is_told_its_batch_settings_only_when_the_manifest_sets_them(tmp_path: Path) -> None:
+    env = spec(tmp_path, manifest("torch", "        batchSize: 8\n        maxBatchDelay: 5ms\n")).environment
+    assert (env["MODELFLEET_BATCH_SIZE"], env["MODELFLEET_MAX_BATCH_DELAY"]) == ("8", "5")
+    told = RuntimeEnvironment.from_env(env)
+    assert (told.batch_size, told.max_batch_delay) == (8, 5)
+    unset = spec(tmp_path / "unset", manifest("torch")).environment
+    assert "MODELFLEET_BATCH_SIZE" not in unset and "MODELFLEET_MAX_BATCH_DELAY" not in unset

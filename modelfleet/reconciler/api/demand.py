@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from modelfleet.reconciler.api.wire import read_wire
 from modelfleet.reconciler.secrets import bearer_token_matches
 from modelfleet.state.demand import DemandReport
 
@@ -26,15 +26,9 @@ def demand_routes(daemon: Daemon, api_token: str | None) -> list[Route]:
     async def demand(request: Request) -> Response:
         if api_token is not None and not bearer_token_matches(request.headers.get("authorization"), api_token):
             return JSONResponse({"error": "unauthorized: send Authorization: Bearer <api token>"}, status_code=401)
-        body = await request.body()
-        if len(body) > MAX_REPORT_BYTES:
-            return JSONResponse({"error": f"a demand report is at most {MAX_REPORT_BYTES} bytes"}, status_code=413)
-        try:
-            report = DemandReport.model_validate_json(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            return JSONResponse({"error": f"not a demand report: {where}: {first['msg']}"}, status_code=400)
+        report = await read_wire(request, DemandReport, MAX_REPORT_BYTES, "a demand report")
+        if isinstance(report, Response):
+            return report
         activating = daemon.on_demand(report)
         return JSONResponse({"accepted": True, "activating": sorted(activating)}, status_code=202)
 

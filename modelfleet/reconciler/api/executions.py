@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from modelfleet.reconciler.api.wire import read_wire
 from modelfleet.reconciler.errors import ModelfleetError
 from modelfleet.reconciler.secrets import bearer_token_matches
 from modelfleet.state.executions import ExecutionBatch
@@ -77,15 +77,9 @@ def execution_routes(daemon: Daemon, api_token: str | None) -> list[Route]:
     async def receive(request: Request) -> Response:
         if (refusal := denied(request)) is not None:
             return refusal
-        body = await request.body()
-        if len(body) > MAX_BATCH_BYTES:
-            return JSONResponse({"error": f"an execution batch is at most {MAX_BATCH_BYTES} bytes"}, status_code=413)
-        try:
-            batch = ExecutionBatch.model_validate_json(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            return JSONResponse({"error": f"not an execution batch: {where}: {first['msg']}"}, status_code=400)
+        batch = await read_wire(request, ExecutionBatch, MAX_BATCH_BYTES, "an execution batch")
+        if isinstance(batch, Response):
+            return batch
         last = daemon.executions.add(batch)
         return JSONResponse({"accepted": len(batch.executions), "last": last}, status_code=202)
 

@@ -353,7 +353,8 @@ class Daemon:
         self.readiness.step(plan.unanswered)
         self.publish_routes()
         # 8. Statuses from what is now true.
-        route_versions = {key: since for key, (_, since) in self._route_since.items()}
+        with self._routes_lock:  # apply threads and the readiness monitor publish too
+            route_versions = {key: since for key, (_, since) in self._route_since.items()}
         self._wait_for_gateways(max(route_versions.values(), default=0))
         statuses = deployment_statuses(plan, self.store.inventory(), report.outcomes, failed_rollouts,
                                        self.status.deployments, self.clock(), route_versions,

@@ -172,3 +172,22 @@ def test_a_stopping_daemon_ends_the_long_polls_at_once(tmp_path: Path, servers: 
     plane.daemon.route_watch.close()
     answer = waiting.result(timeout=5)  # not after the 30 s wait
     assert answer.status_code == 503 and answer.json()["error"] == "the daemon is stopping"
+
+
+def test_when_every_nearby_replica_fails_the_request_is_retried_on_the_others(backends: Any,
+                                                                             make_gateway: Any) -> None:
+    from tests.http_server import bound_socket
+
+    _, berlin = backends("berlin")
+    dead = bound_socket()  # the Paris replica: bound, not listening (its connections are refused)
+    try:
+        paris = Backend(f"http://127.0.0.1:{dead.getsockname()[1]}", "paris", "host-paris", 0, "s" * 64, "r" * 40,
+                        "paris-1", "EU")
+        gw = make_gateway({KEY: (paris, near(berlin, "berlin", "berlin-1", "EU"))}, location="paris-1",
+                          continent="EU")
+        assert [b.container for b in gw.app.table.routes[KEY]] == ["paris"]  # the nearest only
+        assert [b.container for b in gw.app.table.fallback[KEY]] == ["paris", "berlin"]
+        answer = gw.client.post("/models/m/predict")
+        assert answer.status_code == 200 and answer.json()["backend"] == "berlin"
+    finally:
+        dead.close()

@@ -120,16 +120,15 @@ def render(entry: dict[str, Any], as_json: bool) -> str:
     return json.dumps(entry, sort_keys=True, default=str) if as_json else format_pass(entry)
 
 
-def follow(fetch: Callable[[], dict[str, Any]], emit: Callable[[str], None], warn: Callable[[str], None],
-           as_json: bool = False, sleep: Callable[[float], None] = time.sleep,
-           interval: float = POLL_SECONDS) -> None:
-    """Print the finished passes, then poll forever, printing each new pass once when it finished.
-    An API that does not answer is reported once per outage (and once back)."""
-    seen: list[int] = []
+def poll_forever(fetch: Callable[[], dict[str, Any]], handle: Callable[[dict[str, Any]], None],
+                 warn: Callable[[str], None], sleep: Callable[[float], None] = time.sleep,
+                 interval: float = POLL_SECONDS) -> None:
+    """``handle(fetch())`` every ``interval`` seconds, forever (Ctrl-C ends it). An API that does not
+    answer is reported once per outage (and once back)."""
     failing = False
     while True:
         try:
-            history = fetch()
+            data = fetch()
         except EventsUnavailable as exc:
             if not failing:
                 warn(f"{exc} (retrying every {interval:g}s)")
@@ -138,11 +137,23 @@ def follow(fetch: Callable[[], dict[str, Any]], emit: Callable[[str], None], war
             if failing:
                 warn("the daemon API answers again")
             failing = False
-            for entry in finished_passes(history, seen):
-                emit(render(entry, as_json))
-                seen.append(entry["id"])
-            del seen[:-_SEEN_KEEP]
+            handle(data)
         sleep(interval)
+
+
+def follow(fetch: Callable[[], dict[str, Any]], emit: Callable[[str], None], warn: Callable[[str], None],
+           as_json: bool = False, sleep: Callable[[float], None] = time.sleep,
+           interval: float = POLL_SECONDS) -> None:
+    """Print the finished passes, then poll forever, printing each new pass once when it finished."""
+    seen: list[int] = []
+
+    def handle(history: dict[str, Any]) -> None:
+        for entry in finished_passes(history, seen):
+            emit(render(entry, as_json))
+            seen.append(entry["id"])
+        del seen[:-_SEEN_KEEP]
+
+    poll_forever(fetch, handle, warn, sleep, interval)
 
 
 def cmd_events(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from modelfleet.reconciler.cli.events import EventsUnavailable, _api_base_and_token
+from modelfleet.reconciler.cli.events import EventsUnavailable, _api_base_and_token, poll_forever
 from modelfleet.state.executions import Execution, describe
 
 POLL_SECONDS = 1.0
@@ -90,29 +90,25 @@ def follow(fetch: Callable[[dict[str, str]], dict[str, Any]], params: dict[str, 
            interval: float = POLL_SECONDS) -> None:
     """Print what there is, then poll forever and print what is new (container lines since the
     previous poll: one logged while a poll is answered may show twice, never not at all)."""
-    failing = False
     query = dict(params)
     containers = query.get("tail") != "0"
-    while True:
+    asked_at = 0.0
+
+    def fetch_new() -> dict[str, Any]:
+        nonlocal asked_at
         asked_at = clock()
-        try:
-            data = fetch(query)
-        except EventsUnavailable as exc:
-            if not failing:
-                warn(f"{exc} (retrying every {interval:g}s)")
-            failing = True
-        else:
-            if failing:
-                warn("the daemon API answers again")
-            failing = False
-            for line in render(data, as_json):
-                emit(line)
-            query["since"] = str(data.get("next") or query.get("since") or 0)
-            query["limit"] = str(FOLLOW_LIMIT)  # after the first answer: everything new
-            if containers:
-                query.pop("tail", None)
-                query["containerSince"] = f"{asked_at:.3f}"
-        sleep(interval)
+        return fetch(query)
+
+    def handle(data: dict[str, Any]) -> None:
+        for line in render(data, as_json):
+            emit(line)
+        query["since"] = str(data.get("next") or query.get("since") or 0)
+        query["limit"] = str(FOLLOW_LIMIT)  # after the first answer: everything new
+        if containers:
+            query.pop("tail", None)
+            query["containerSince"] = f"{asked_at:.3f}"
+
+    poll_forever(fetch_new, handle, warn, sleep, interval)
 
 
 def add_logs_parser(sub: Any) -> None:

@@ -59,6 +59,14 @@ class DeploymentTraffic(_Wire):
                                              "included).")
 
 
+class TokensCounted(_Wire):
+    """One deployment's tokens at one gateway since the gateway started (cumulative, like
+    ``DeploymentTraffic``: the daemon counts the difference between two reports)."""
+
+    input: int = Field(0, ge=0, description="Input (prompt) tokens.")
+    output: int = Field(0, ge=0, description="Output (completion) tokens.")
+
+
 class DemandReport(_Wire):
     """What one gateway reports."""
 
@@ -72,6 +80,27 @@ class DemandReport(_Wire):
     traffic: dict[str, DeploymentTraffic] = Field(
         default_factory=dict, description="route_key(model, environment) -> requests and errors since the gateway "
                                           "started, for every deployment of its route table that was requested.")
+    tokens: dict[str, TokensCounted] = Field(
+        default_factory=dict, description="route_key(model, environment) -> tokens counted since the gateway started "
+                                          "(from the responses' OpenAI-style usage, else estimated).")
+
+
+class WindowUsage(_Wire):
+    """Tokens used by a deployment in one window, summed over every gateway (the daemon's count)."""
+
+    window: float = Field(description="The window's start, seconds since the epoch (UTC calendar period).")
+    input: int = Field(0, ge=0)
+    output: int = Field(0, ge=0)
+
+
+class DemandReply(_Wire):
+    """The daemon's answer to a demand report."""
+
+    accepted: bool = True
+    activating: list[str] = Field(default_factory=list, description="Route keys the daemon activates now.")
+    tokens: dict[str, dict[str, WindowUsage]] = Field(
+        default_factory=dict, description="route_key -> granularity (minute, hour, day, month) -> the tokens used in "
+                                          "its current window, for the deployments with token limits.")
 
 
 @dataclass(frozen=True)

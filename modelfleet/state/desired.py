@@ -19,6 +19,7 @@ from modelfleet.state.placement import Key, PlacementRequest, place
 from modelfleet.state.policy import PolicyLayer, allowed_flavors, exclusion_reason
 from modelfleet.state.pool import Host
 from modelfleet.state.runtimes import ResolvedRuntime, resolve_runtime
+from modelfleet.state.token_limits import TokenLimits, token_limits
 from modelfleet.state.units import format_cpus, format_memory
 
 
@@ -60,6 +61,8 @@ class DeploymentState:
     unschedulable: str | None = None
     # The origin as deployed: the HuggingFace commit a revision resolved to, the archive's sha256.
     origin: dict[str, object] | None = None
+    # The maxToken policies of its environment and its own (None: no token limit).
+    token_limits: TokenLimits | None = None
 
     @property
     def key(self) -> Key:
@@ -280,7 +283,7 @@ def _resolve(
         found = _policy_layers(catalog, entry.environment, spec.policies)
         if policy_layers is not None:
             policy_layers[layers_key] = found
-    layers, dep_layer, allowed = found
+    layers, dep_layer, allowed, state.token_limits = found
 
     # Requested flavors must be allowed by the policies: an error, never a silent fallback.
     for i, flavor in enumerate(spec.flavors):
@@ -340,8 +343,8 @@ def _resolve(
 
 
 # The policy layers of an (environment, deployment policies) pair, the deployment's layer alone,
-# and the flavors they allow (None: any).
-_Layers = tuple[tuple[PolicyLayer, PolicyLayer], PolicyLayer, frozenset[str] | None]
+# the flavors they allow (None: any) and their token limits (None: none).
+_Layers = tuple[tuple[PolicyLayer, PolicyLayer], PolicyLayer, frozenset[str] | None, TokenLimits | None]
 
 
 def _policy_layers(catalog: Catalog, environment: str, policies: Sequence[str]) -> _Layers:
@@ -349,7 +352,7 @@ def _policy_layers(catalog: Catalog, environment: str, policies: Sequence[str]) 
     env_layer = PolicyLayer(f'environment "{environment}"', tuple(catalog.policies[p][0] for p in env.spec.policies))
     dep_layer = PolicyLayer("the deployment", tuple(catalog.policies[p][0] for p in policies))
     layers = (env_layer, dep_layer)
-    return layers, dep_layer, allowed_flavors(layers)
+    return layers, dep_layer, allowed_flavors(layers), token_limits(layers)
 
 
 def _eligible_hosts(

@@ -117,12 +117,23 @@ class FlavorRule(Strict):
 
 
 class MaxTokens(Strict):
-    """A token budget, reserved for the gateway's rate limits: it does not influence placement."""
+    """A token budget the gateways enforce (429 once used up); it does not influence placement."""
 
-    granularity: Literal["minute", "hour", "day", "month"] = Field("minute", description="The budget's period.")
-    input: Annotated[int, Field(ge=0)] | None = Field(None, description="Input tokens per period.")
-    output: Annotated[int, Field(ge=0)] | None = Field(None, description="Output tokens per period.")
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["input"]}, {"required": ["output"]},
+                                                           {"required": ["total"]}]})
+
+    granularity: Literal["minute", "hour", "day", "month"] = Field(
+        "minute", description="The budget's period: a UTC calendar minute, hour, day or month.")
+    input: Annotated[int, Field(ge=0)] | None = Field(None, description="Input (prompt) tokens per period.")
+    output: Annotated[int, Field(ge=0)] | None = Field(None, description="Output (completion) tokens per period.")
     total: Annotated[int, Field(ge=0)] | None = Field(None, description="Input and output tokens per period.")
+
+    @model_validator(mode="after")
+    def _limits_something(self) -> MaxTokens:
+        if self.input is None and self.output is None and self.total is None:
+            raise ValueError("maxTokens limits nothing: set at least one of input, output, total (tokens per "
+                             "granularity)")
+        return self
 
 
 _POLICY_FIELDS = {"location": "locations", "flavor": "flavors", "maxToken": "maxTokens"}

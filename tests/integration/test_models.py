@@ -211,3 +211,41 @@ def test_minilm_from_huggingface_embeds_like_the_model_and_ships_once_per_host(
     time.sleep(2)
     assert hub.bytes_served == served_before  # the daemon's cache: nothing downloaded again
     assert len(model_fleet.status()["transfers"]) == 2
+
+
+def test_token_limit_answers_429_to_the_official_openai_client(model_fleet: Fleet) -> None:
+    """A maxToken policy on the environment: MiniLM's embeddings count their usage at the gateway,
+    the daemon sums it, and past the budget the official ``openai`` client gets its RateLimitError
+    (429, Retry-After, OpenAI's error body) while another deployment is not limited."""
+    openai = pytest.importorskip("openai")
+    policy = {"apiVersion": API, "kind": "Policy", "metadata": {"name": "embedding-budget"},
+              "spec": {"type": "maxToken", "maxTokens": {"granularity": "hour", "total": 40}}}
+    environments = [dict(e) for e in BASE_MANIFESTS["environments.yaml"]]
+    environments[0] = {**environments[0], "spec": {"policies": ["eu-only", "embedding-budget"]}}
+    spec = {"origin": {"huggingface": {"model": MINILM, "revision": "main"}}, "replicas": 1}
+    revision = model_fleet.push({"policies.yaml": [*BASE_MANIFESTS["policies.yaml"], policy],
+                                 "environments.yaml": environments, "models/minilm.yaml": model("minilm", spec)})
+    wait_model(model_fleet, "minilm", revision=revision)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{model_fleet.gateway_port}/models/minilm/v1",
+                           api_key="not-needed", max_retries=0, timeout=60)
+    used = 0
+    sentence = "The quick brown fox jumps over the lazy dog."  # 12 tokens with BERT's [CLS] and [SEP]
+    while used < 40:
+        result = client.embeddings.create(model="minilm", input=[sentence])
+        assert len(result.data[0].embedding) == 384
+        used += result.usage.prompt_tokens
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.embeddings.create(model="minilm", input=[sentence])
+    assert refused.value.status_code == 429
+    assert 1 <= int(refused.value.response.headers["retry-after"]) <= 3600
+    assert refused.value.code == "rate_limit_exceeded"
+    assert "token limit reached" in refused.value.message and "policy embedding-budget" in refused.value.message
+    metrics = httpx.get(f"http://127.0.0.1:{model_fleet.gateway_port}/metrics", timeout=10).text
+    assert 'modelfleet_gateway_token_limited_requests_total{environment="production",model="minilm"} 1.0' in metrics
+    # The daemon holds the sum of what every gateway reported, and the status says why requests get 429.
+    def summed() -> dict[str, Any] | None:
+        tokens = model_fleet.deployment("minilm").get("tokens") or {}
+        return tokens if tokens.get("hour", {}).get("total", 0) >= used and tokens.get("limited") else None
+
+    tokens = model_fleet.wait(summed, 20, "the daemon's token sums in the status")
+    assert "40 total tokens per hour (policy embedding-budget)" in tokens["describe"]

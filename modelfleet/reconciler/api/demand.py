@@ -1,7 +1,9 @@
 """``POST /api/v1/demand``: the gateways' load reports (state/demand.py's DemandReport).
 
 A report with requests held for activation wakes the daemon at once (an activation pass); the
-rest feeds the autoscaler, which the daemon checks between passes.
+rest feeds the autoscaler, which the daemon checks between passes. The reply (``DemandReply``)
+carries the tokens each deployment with token limits used in its current windows, summed over
+every gateway, which the gateway enforces the limits with.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from starlette.routing import Route
 
 from modelfleet.reconciler.api.wire import read_wire
 from modelfleet.reconciler.secrets import bearer_token_matches
-from modelfleet.state.demand import DemandReport
+from modelfleet.state.demand import DemandReply, DemandReport
 
 if TYPE_CHECKING:
     from modelfleet.reconciler.daemon.reconcile import Daemon
@@ -30,6 +32,7 @@ def demand_routes(daemon: Daemon, api_token: str | None) -> list[Route]:
         if isinstance(report, Response):
             return report
         activating = daemon.on_demand(report)
-        return JSONResponse({"accepted": True, "activating": sorted(activating)}, status_code=202)
+        reply = DemandReply(activating=sorted(activating), tokens=daemon.token_usage())
+        return Response(reply.model_dump_json(), status_code=202, media_type="application/json")
 
     return [Route("/api/v1/demand", demand, methods=["POST"])]

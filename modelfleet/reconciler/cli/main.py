@@ -349,8 +349,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_column(column)
     for d in data.get("deployments") or []:  # type: ignore[attr-defined]
         style = _STATE_STYLE.get(d["state"], "")
+        message = d["message"]
+        limited = (d.get("tokens") or {}).get("limited")
+        if limited:  # its requests are answered 429 now (maxToken policies)
+            message = f"{message}; [yellow]429: {limited}[/yellow]"
         table.add_row(d["model"], d["environment"], f"[{style}]{d['state']}[/{style}]",
-                      f"{d['ready_replicas']}/{d['desired_replicas']}", ", ".join(d["hosts"]), d["message"])
+                      f"{d['ready_replicas']}/{d['desired_replicas']}", ", ".join(d["hosts"]), message)
     out.print(table)
     return EXIT_OK
 

@@ -36,6 +36,8 @@ from modelfleet.reconciler.daemon.store import (
     FACT_UNREACHABLE_SINCE,
     Store,
 )
+from modelfleet.reconciler.daemon.tokens import FACT as TOKEN_FACT
+from modelfleet.reconciler.daemon.tokens import TokenBook
 from modelfleet.reconciler.daemon.triggers import TriggerQueue
 from modelfleet.reconciler.errors import ModelfleetError
 from modelfleet.reconciler.gateway.routes import Activation, Backend, Overflow, RouteStore
@@ -48,7 +50,7 @@ from modelfleet.reconciler.source.git import GitSource
 from modelfleet.reconciler.status import CommitStatus, StatusError, StatusWriter
 from modelfleet.reconciler.status.outbox import StatusOutbox
 from modelfleet.state.autoscaler import ScalerMemory, decide
-from modelfleet.state.demand import DemandReport, LoadSample, TrafficRate, overflow_message
+from modelfleet.state.demand import DemandReport, LoadSample, TrafficRate, WindowUsage, overflow_message
 from modelfleet.state.desired import reserved_capacity
 from modelfleet.state.loader import Catalog, load_tree
 from modelfleet.state.outcome import deployment_statuses, failed_rollouts_after, pending_statuses
@@ -58,6 +60,7 @@ from modelfleet.state.readiness import ReadinessVerdict
 from modelfleet.state.routes import gateways_behind, route_key
 from modelfleet.state.source import Condition, nothing_fetched, source_health
 from modelfleet.state.status import AGGREGATE_CONTEXT, GATEWAYS_SWITCHING, DeploymentStatus, commit_statuses
+from modelfleet.state.token_limits import GRANULARITIES, TokenLimits, current, token_verdict
 
 log = logging.getLogger("modelfleet.daemon")
 Key = tuple[str, str]
@@ -118,6 +121,8 @@ class DaemonStatus:
     status_outbox: StatusOutbox | None = None  # forge statuses waiting to be written (status/outbox.py)
     # The forge's pull requests planned (daemon/review.py ReviewPlanner.pulls_json), when there is a forge.
     pull_requests: Callable[[], dict[str, Any]] | None = None
+    # Route key -> the token limits and the tokens used in their windows (deployments with limits).
+    tokens: Callable[[], dict[str, dict[str, Any]]] | None = None
 
     @property
     def last_attempted_revision(self) -> str | None:
@@ -128,9 +133,11 @@ class DaemonStatus:
         return self.store.fact(FACT_LAST_APPLIED) if self.store is not None else None
 
     def _deployment_json(self, status: DeploymentStatus, load: dict[str, list[LoadSample]],
-                         traffic: dict[str, TrafficRate]) -> dict[str, Any]:
+                         traffic: dict[str, TrafficRate], tokens: dict[str, dict[str, Any]]) -> dict[str, Any]:
         data = status.to_json()
         key = route_key(status.model, status.environment)
+        if key in tokens:
+            data["tokens"] = tokens[key]
         rate = traffic.get(key)
         if rate is not None:
             data["traffic"] = {"rps": rate.rps, "errorsPerSecond": rate.errors_per_second, "window": rate.window}
@@ -149,6 +156,7 @@ class DaemonStatus:
     def to_json(self) -> dict[str, Any]:
         load = self.demand.samples() if self.demand is not None else {}
         traffic = self.demand.traffic() if self.demand is not None else {}
+        tokens = self.tokens() if self.tokens is not None else {}
         return {
             "revision": self.revision,
             "lastAttemptedRevision": self.last_attempted_revision,
@@ -159,7 +167,8 @@ class DaemonStatus:
             "sourceError": self.source_error,
             "sourceRecovery": self.source_recovery,
             "conditions": [asdict(self.source_condition)] if self.source_condition is not None else [],
-            "deployments": [self._deployment_json(d, load, traffic) for _, d in sorted(self.deployments.items())],
+            "deployments": [self._deployment_json(d, load, traffic, tokens)
+                            for _, d in sorted(self.deployments.items())],
             "gateways": self.demand.gateways() if self.demand is not None else {},
             "hosts": [dict(name=k, **v) for k, v in sorted(self.hosts.items())],
             # The 20 most recent (list() copies atomically: shipping threads write meanwhile).
@@ -193,7 +202,7 @@ class Daemon:
         self._published: dict[str, dict[str, tuple[str, str]]] = {}  # revision -> context -> (state, desc)
         # The plan of the current pass: what apply threads publish routes for.
         self._plan: Plan | None = None
-        self._gateway_settings: tuple[Plan, dict[str, Activation], dict[str, Overflow]] | None = None
+        self._gateway_settings: tuple[Plan, GatewaySettings] | None = None
         self._routes_lock = threading.Lock()
         # Loaded manifests of the last commit, and its repository model files that are not valid.
         self._catalog: tuple[str, Catalog, dict[str, str]] | None = None
@@ -202,6 +211,10 @@ class Daemon:
         # and what the autoscaler remembers between passes.
         self.demand = DemandBook()
         self.executions = ExecutionJournal()  # what the gateways served (api/executions.py)
+        # The tokens each deployment used, over every gateway (saved in the store: a restart forgives nothing).
+        self.tokens = TokenBook(load=lambda: self.store.fact(TOKEN_FACT),
+                                save=lambda data: self.store.set_fact(TOKEN_FACT, data))
+        self.status.tokens = self.tokens_json
         self.status.demand = self.demand
         self._scaler_memory: dict[Key, ScalerMemory] = {}
         # Model origins: uploads and repository files in a content-addressed store, HuggingFace models
@@ -228,6 +241,8 @@ class Daemon:
         self.applier.close()
         for client in self.clients.values():
             client.close()
+        with contextlib.suppress(ModelfleetError):
+            self.tokens.flush()
         self.store.close()
         self.routes.close()
 
@@ -253,10 +268,12 @@ class Daemon:
             # What the gateways hold and overflow depends on the plan only: made once per plan, not on
             # each publish (apply threads publish as every replica becomes ready).
             if self._gateway_settings is None or self._gateway_settings[0] is not current:
-                self._gateway_settings = (current, *_gateway_settings(current))
-            _, activation, overflow = self._gateway_settings
+                before = self._gateway_settings[1] if self._gateway_settings is not None else None
+                self._gateway_settings = (current, gateway_settings(current, before))
+            settings = self._gateway_settings[1]
             routes = {k: tuple(sorted(v, key=lambda b: b.container)) for k, v in table.items()}
-            version = self.routes.publish(routes, activation=activation, overflow=overflow)
+            version = self.routes.publish(routes, activation=settings.activation, overflow=settings.overflow,
+                                          tokens=settings.tokens)
             self.route_watch.published(version)  # the long-polls of remote gateways answer now
             for key, backends in routes.items():  # since which version each deployment has these backends
                 urls = tuple(b.url for b in backends)
@@ -405,6 +422,7 @@ class Daemon:
         """A gateway's load report (API thread). Requests held for activation wake a pass at once;
         returns the route keys with held requests."""
         held = self.demand.record(report)
+        self.tokens.record(report.gateway, report.tokens)
         if held:
             self.triggers.fire("demand")
         elif self._awaiting_gateways and report.table_version >= self._awaiting_gateways and not gateways_behind(
@@ -412,6 +430,30 @@ class Daemon:
             self._awaiting_gateways = 0
             self.triggers.fire("demand")  # every gateway serves the new routes: the statuses say ready now
         return held
+
+    def token_usage(self) -> dict[str, dict[str, WindowUsage]]:
+        """The current windows' tokens of every deployment with token limits (a demand report's reply)."""
+        settings = self._gateway_settings
+        return self.tokens.reply(settings[1].tokens if settings is not None else ())
+
+    def tokens_json(self) -> dict[str, dict[str, Any]]:
+        """For the status: each limited deployment's limits, the tokens of its windows, and whether
+        its requests are refused now."""
+        settings = self._gateway_settings
+        if settings is None:
+            return {}
+        now = self.tokens.clock()
+        result: dict[str, dict[str, Any]] = {}
+        for key, limits in settings[1].tokens.items():
+            usage = self.tokens.usage(key)
+            data: dict[str, Any] = {"limits": limits.to_dict(), "describe": limits.describe()}
+            for granularity in sorted(limits.granularities, key=GRANULARITIES.index):
+                counts = current(usage, granularity, now)
+                data[granularity] = {"input": counts.input, "output": counts.output, "total": counts.total}
+            verdict = token_verdict(limits, usage, now)
+            data["limited"] = verdict.message if verdict is not None else None
+            result[key] = data
+        return result
 
     def check_scaling(self) -> bool:
         """Between passes (every ~2 s): would the autoscaler, fed the latest load, change a
@@ -587,11 +629,27 @@ class Daemon:
                 del self._published[old]
 
 
-def _gateway_settings(plan: Plan) -> tuple[dict[str, Activation], dict[str, Overflow]]:
-    """For the plan's serverless deployments: how gateways hold their requests while they activate,
-    and where they send the requests of those with an on-prem endpoint first (never its token)."""
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What the route table tells gateways besides the backends, per route key."""
+
+    activation: dict[str, Activation]  # serverless deployments: how requests are held while they activate
+    overflow: dict[str, Overflow]  # those with an on-prem endpoint: where their requests go first
+    tokens: dict[str, TokenLimits]  # those with maxToken policies: their budgets
+
+
+def gateway_settings(plan: Plan, before: GatewaySettings | None = None) -> GatewaySettings:
+    """The plan's gateway settings (never an endpoint's token). A deployment whose manifests are
+    invalid (frozen) keeps the token limits it had: bad input never lifts a limit."""
     activation: dict[str, Activation] = {}
     overflow: dict[str, Overflow] = {}
+    tokens: dict[str, TokenLimits] = {}
+    for deployment, state in plan.desired.deployments.items():
+        limited = route_key(*deployment)
+        if state.token_limits is not None:
+            tokens[limited] = state.token_limits
+        elif state.frozen and before is not None and limited in before.tokens:
+            tokens[limited] = before.tokens[limited]
     for entry in plan.catalog.deployments():
         spec = entry.spec
         if spec is None or spec.serverless is None or not spec.enabled:
@@ -606,4 +664,4 @@ def _gateway_settings(plan: Plan) -> tuple[dict[str, Activation], dict[str, Over
                 failure_threshold=o.health_check.failure_threshold, max_concurrency=o.max_concurrency,
                 percentage=o.percentage, consecutive_failures=o.outlier_detection.consecutive_failures,
                 ejection_time=o.outlier_detection.ejection_time)
-    return activation, overflow
+    return GatewaySettings(activation, overflow, tokens)

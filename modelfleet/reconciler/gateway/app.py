@@ -35,6 +35,7 @@ from modelfleet.reconciler.gateway.proxy import HOLD_BODY_LIMIT, RETRY_BUFFER_LI
 from modelfleet.reconciler.gateway.remote_routes import RemoteRouteFeed
 from modelfleet.reconciler.gateway.responses import send_error, send_json
 from modelfleet.reconciler.gateway.routes import RouteTable, route_key
+from modelfleet.reconciler.gateway.tokens import TokenLedger
 from modelfleet.reconciler.secrets import GatewaySecrets, bearer_token_matches, redact_url
 from modelfleet.state.demand import REPORT_INTERVAL
 
@@ -97,12 +98,14 @@ class Gateway:
         gateway_id = gateway_id or default_gateway_id()
         self.executions = ExecutionRecorder(self.metrics, gateway_id=gateway_id, location=location,
                                             control_plane=control_plane, token=control_plane_token)
+        self.tokens = TokenLedger(self.metrics)  # token counts and limits (maxToken policies)
         self.reporter: DemandReporter | None = None
         if control_plane:
             self.reporter = DemandReporter(control_plane, load=self.load, routes=self.routes,
                                            activator=self.activator, metrics=self.metrics,
                                            token=control_plane_token, gateway_id=gateway_id, location=location,
-                                           interval=report_interval, overflow=self.overflow)
+                                           interval=report_interval, overflow=self.overflow,
+                                           tokens=self.tokens)
             self.activator.on_activate = self.reporter.kick
         self.hold_body_limit = hold_body_limit
         self.poll_interval = poll_interval
@@ -135,7 +138,7 @@ class Gateway:
                            retry_buffer_limit=self.retry_buffer_limit, strip_authorization=self._token is not None,
                            activator=self.activator, load=self.load, hold_body_limit=self.hold_body_limit,
                            overflow=self.overflow, gateway_secret=self.gateway_secret,
-                           executions=self.executions)
+                           executions=self.executions, tokens=self.tokens)
         self.routes.start()
         self.overflow.sync(self.routes.table.overflow)  # on the loop now: the health checks start
         self._poller = asyncio.ensure_future(self._poll_forever())

@@ -26,8 +26,9 @@ from modelfleet.reconciler.gateway.follower import TableFeed
 from modelfleet.reconciler.gateway.load import LoadMeter
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.overflow import OverflowRouter
+from modelfleet.reconciler.gateway.tokens import TokenLedger
 from modelfleet.reconciler.secrets import redact_url
-from modelfleet.state.demand import REPORT_INTERVAL, DemandReport, DeploymentTraffic
+from modelfleet.state.demand import REPORT_INTERVAL, DemandReply, DemandReport, DeploymentTraffic
 from modelfleet.state.routes import route_key
 
 log = logging.getLogger("modelfleet.gateway")
@@ -53,9 +54,11 @@ class DemandReporter:
     def __init__(self, control_plane: str, *, load: LoadMeter, routes: TableFeed, activator: Activator,
                  metrics: GatewayMetrics, token: str | None = None, gateway_id: str | None = None,
                  location: str | None = None, interval: float = REPORT_INTERVAL,
-                 timeout: float = REPORT_TIMEOUT, overflow: OverflowRouter | None = None) -> None:
+                 timeout: float = REPORT_TIMEOUT, overflow: OverflowRouter | None = None,
+                 tokens: TokenLedger | None = None) -> None:
         self.url = demand_url(control_plane)
         self.overflow = overflow  # deployments with an on-prem endpoint: where their requests went
+        self.tokens = tokens  # the tokens counted here; the daemon answers with every gateway's sums
         self.load = load
         self.routes = routes
         self.activator = activator
@@ -110,8 +113,9 @@ class DemandReporter:
             key = route_key(model, environment)
             if key in table.routes:  # a deployment of the table served (the rest: gone, or never known)
                 traffic[key] = DeploymentTraffic(requests=requests, errors=errors)
+        tokens = self.tokens.report() if self.tokens is not None else {}
         return DemandReport(gateway=self.gateway_id, location=self.location, interval=interval,
-                            table_version=table.version, deployments=deployments, traffic=traffic)
+                            table_version=table.version, deployments=deployments, traffic=traffic, tokens=tokens)
 
     async def send(self, *, reset: bool) -> bool:
         """Build and send one report; False when it did not reach the control plane (logged, never raised)."""
@@ -130,9 +134,20 @@ class DemandReporter:
             return False
         if response.is_success:
             self._success()
+            self._answered(response)
             return True
         self._failure(_refusal(response))
         return False
+
+    def _answered(self, response: httpx.Response) -> None:
+        if self.tokens is None:
+            return
+        try:
+            reply = DemandReply.model_validate_json(response.content)
+        except ValueError:  # an older daemon's reply, without token sums: keep counting here
+            self.tokens.not_answered()
+            return
+        self.tokens.answered(reply.tokens)
 
     async def _run(self) -> None:
         assert self._kicked is not None
@@ -165,6 +180,8 @@ class DemandReporter:
         self._last_warning = None
 
     def _failure(self, reason: str) -> None:
+        if self.tokens is not None:
+            self.tokens.not_answered()
         self._failed.inc()
         self.failures += 1
         now = time.monotonic()

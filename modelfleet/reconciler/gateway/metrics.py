@@ -94,6 +94,16 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "modelfleet_gateway_in_flight_requests", "Requests being served now (held ones included), by deployment",
             ["model", "environment"], registry=self.registry, multiprocess_mode="livesum")
+        # Token limits (gateway/tokens.py): tokens counted from the responses, requests refused over a limit.
+        self.tokens = Counter(
+            "modelfleet_gateway_tokens",
+            "Tokens of inference responses (their OpenAI-style usage, else estimated) by deployment, version, "
+            "location and kind (input, output)", ["model", "environment", "version", "location", "kind"],
+            registry=self.registry)
+        self.token_limited = Counter(
+            "modelfleet_gateway_token_limited_requests",
+            "Requests answered 429 because their deployment used up its token limits (maxToken policies)",
+            ["model", "environment"], registry=self.registry)
         self._requests: dict[tuple[str, str, int], Counter] = {}
         self._in_flight: dict[tuple[str, str], Gauge] = {}
         self._executions: dict[tuple[str, str, str, str, int], tuple[Counter, Histogram]] = {}

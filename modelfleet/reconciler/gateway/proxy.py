@@ -48,8 +48,12 @@ from modelfleet.reconciler.gateway.overflow import FAILOVER, EndpointState, Over
 from modelfleet.reconciler.gateway.pool import UpstreamPool
 from modelfleet.reconciler.gateway.responses import send_error
 from modelfleet.reconciler.gateway.routes import Activation, Backend, Overflow, route_key
+from modelfleet.reconciler.gateway.tokens import ResponseTokens, TokenLedger
+from modelfleet.reconciler.gateway.tokens import estimate as estimate_tokens
+from modelfleet.reconciler.gateway.tokens import refusal_body as token_refusal_body
 from modelfleet.runtimes.contract import GATEWAY_SECRET_HEADER
 from modelfleet.state.executions import valid_request_id
+from modelfleet.state.token_limits import TokenVerdict
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -77,6 +81,7 @@ _SECRET_HEADER = GATEWAY_SECRET_HEADER.encode()
 _REQUEST_DROP = _HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-host",
                                b"content-length", b"x-request-id", _SECRET_HEADER}
 _REQUEST_ID = b"x-request-id"
+_CONTENT_TYPE = b"content-type"
 _RESPONSE_DROP = _HOP_BY_HOP
 
 
@@ -96,7 +101,7 @@ class Proxy:
                  activator: Activator | None = None, load: LoadMeter | None = None,
                  hold_body_limit: int = HOLD_BODY_LIMIT, overflow: OverflowRouter | None = None,
                  gateway_secret: Callable[[str, str], str | None] | None = None,
-                 executions: ExecutionRecorder | None = None) -> None:
+                 executions: ExecutionRecorder | None = None, tokens: TokenLedger | None = None) -> None:
         self.routes = routes
         self.balancer = balancer
         self.upstream = upstream
@@ -110,6 +115,7 @@ class Proxy:
         self.overflow = overflow if overflow is not None else OverflowRouter()
         self.gateway_secret = gateway_secret  # (model, environment) -> the secret our runtimes require
         self.executions = executions if executions is not None else ExecutionRecorder(metrics)
+        self.tokens = tokens if tokens is not None else TokenLedger(metrics)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -121,6 +127,13 @@ class Proxy:
         table = self.routes.table
         backends = table.routes.get(key)
         activation = None
+        if table.tokens:
+            limits = table.tokens.get(key)
+            if limits is not None:
+                verdict = self.tokens.verdict(key, limits)
+                if verdict is not None:
+                    await self._token_limited(send, model, environment, verdict, started)
+                    return
         if table.overflow and backends is not None:
             overflow = table.overflow.get(key)
             if overflow is not None:
@@ -168,9 +181,31 @@ class Proxy:
             self._record(exchange, model, environment, status, ended - started)
 
     def _record(self, exchange: _Exchange, model: str, environment: str, status: int, seconds: float) -> None:
+        if exchange.finished_body and 200 <= status < 300:
+            response = exchange.response_tokens
+            counts = response.usage() if response is not None else None
+            key = route_key(model, environment)
+            if counts is None and key in self.routes.table.tokens:  # estimated only where a limit needs it
+                counts = estimate_tokens(exchange.request_bytes, response, exchange.sent)
+            if counts is not None:
+                self.tokens.count(key, model, environment, exchange.backend, counts)
         self.executions.record(exchange.request_id or "-", model, environment, status, seconds, exchange.request_bytes,
                                exchange.sent, exchange.backend, exchange.cold_start, exchange.overflow,
                                exchange.retried)
+
+    async def _token_limited(self, send: Send, model: str, environment: str, verdict: TokenVerdict,
+                             started: float) -> None:
+        """429 in OpenAI's shape: the deployment used up its token limits (its maxToken policies)."""
+        body = token_refusal_body(verdict)
+        await send({"type": "http.response.start", "status": 429, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(verdict.retry_after).encode())]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        seconds = time.perf_counter() - started
+        self.metrics.token_limited.labels(model, environment).inc()
+        self.metrics.observe(model, environment, 429, seconds)
+        self.executions.record(self.executions.ids.new(), model, environment, 429, seconds, 0, len(body), None,
+                               False, False, False)
 
     async def _handle_overflow(self, scope: Scope, receive: Receive, send: Send, model: str, environment: str,
                                key: str, settings: Overflow, target: bytes, started: float) -> None:
@@ -448,21 +483,28 @@ async def _relay(send: Send, response: UpstreamResponse, exchange: _Exchange,
     drop = _RESPONSE_DROP
     headers = []
     has_id = False
+    tokens: ResponseTokens | None = None
     for name, value in response.headers:
         lower = name.lower()
         if lower not in drop:
             headers.append((name, value))
             has_id = has_id or lower == _REQUEST_ID
+            if lower == _CONTENT_TYPE:
+                tokens = ResponseTokens.for_content_type(value)
     if not has_id and exchange.request_id is not None:  # the client learns the id its request is logged under
         headers.append((_REQUEST_ID, exchange.request_id.encode()))
+    exchange.response_tokens = tokens  # its usage is read once it is sent (token counts)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     while True:
         chunk, last = await response.read()
         exchange.sent += len(chunk)
+        if tokens is not None:
+            tokens.feed(chunk)
         if last:
             complete()
             exchange.finished = True
             await send({"type": "http.response.body", "body": chunk, "more_body": False})
+            exchange.finished_body = True
             return
         if chunk:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -554,8 +596,8 @@ def forward_headers(scope: Scope, strip_authorization: bool
 class _Exchange:
     """Per-request state shared with the disconnect watcher."""
 
-    __slots__ = ("_timer", "backend", "client_gone", "cold_start", "finished", "overflow", "request_bytes",
-                 "request_id", "retried", "sent", "task", "watcher")
+    __slots__ = ("_timer", "backend", "client_gone", "cold_start", "finished", "finished_body", "overflow",
+                 "request_bytes", "request_id", "response_tokens", "retried", "sent", "task", "watcher")
 
     def __init__(self) -> None:
         # What the execution record says (gateway/executions.py).
@@ -566,6 +608,8 @@ class _Exchange:
         self.cold_start = False
         self.overflow = False
         self.retried = False
+        self.response_tokens: ResponseTokens | None = None
+        self.finished_body = False  # the whole response reached the client (its tokens count)
         self.task: asyncio.Task[Any] | None = asyncio.current_task()
         self.finished = False
         self.client_gone = False

@@ -15,6 +15,9 @@ Deployments with an on-prem endpoint also carry their overflow settings (:class:
 ``overflow`` column, added the same way): where the endpoint is, how to check its health, when
 requests go to the replicas instead. The path of the endpoint's token file is published, never the
 token: each gateway reads it from its own machine.
+
+Deployments with ``maxToken`` policies carry their token limits (``tokens`` column, added the same
+way): the budgets the gateway checks each request against (state/token_limits.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 from modelfleet.reconciler.statedir import rollback, translated
 from modelfleet.state.routes import prefer_nearby, route_key
+from modelfleet.state.token_limits import TokenLimits
 
 ROUTES_DB = "routes.db"
 
@@ -142,6 +146,8 @@ class RouteTable:
     activation: dict[str, Activation] = field(default_factory=dict)
     # route_key -> overflow settings, for the deployments among `routes` with an on-prem endpoint
     overflow: dict[str, Overflow] = field(default_factory=dict)
+    # route_key -> token limits (maxToken policies), for the deployments among `routes` that have any
+    tokens: dict[str, TokenLimits] = field(default_factory=dict)
     # Only in tables followed over HTTP (`to_payload`), never in routes.db: route_key -> the
     # deployment's gateway secret (a gateway on another machine has not the daemon's key), and
     # location name -> continent of the pool's hosts (where a gateway's own location is).
@@ -171,18 +177,27 @@ class RouteTable:
             return None
         return json.dumps({k: o.to_dict() for k, o in sorted(self.overflow.items())}, sort_keys=True)
 
+    def tokens_json(self) -> str | None:
+        """The ``tokens`` column: None when no deployment has token limits."""
+        if not self.tokens:
+            return None
+        return json.dumps({k: t.to_dict() for k, t in sorted(self.tokens.items())}, sort_keys=True)
+
     @staticmethod
     def from_json(version: int, text: str, published_at: float = 0.0,
-                  activation: str | None = None, overflow: str | None = None) -> RouteTable:
+                  activation: str | None = None, overflow: str | None = None,
+                  tokens: str | None = None) -> RouteTable:
         """``text``: the routes (:meth:`to_json`); ``activation``: :meth:`activation_json`, ``overflow``:
-        :meth:`overflow_json`, if any."""
+        :meth:`overflow_json`, ``tokens``: :meth:`tokens_json`, if any."""
         data = json.loads(text)
         settings = json.loads(activation) if activation else {}
         overflows = json.loads(overflow) if overflow else {}
+        limits = json.loads(tokens) if tokens else {}
         return RouteTable(version, {k: tuple(Backend(**b) for b in v) for k, v in data.items()},
                           published_at, {k: Activation(int(a["queue"]), float(a["timeout"]))
                                          for k, a in settings.items()},
-                          {k: Overflow.from_dict(o) for k, o in overflows.items()})
+                          {k: Overflow.from_dict(o) for k, o in overflows.items()},
+                          {k: TokenLimits.from_dict(t) for k, t in limits.items()})
 
 
     def to_payload(self) -> dict[str, object]:
@@ -191,6 +206,7 @@ class RouteTable:
                 "routes": {k: [b.__dict__ for b in v] for k, v in sorted(self.routes.items())},
                 "activation": {k: {"queue": a.queue, "timeout": a.timeout} for k, a in sorted(self.activation.items())},
                 "overflow": {k: o.to_dict() for k, o in sorted(self.overflow.items())},
+                "tokens": {k: t.to_dict() for k, t in sorted(self.tokens.items())},
                 "secrets": dict(sorted(self.secrets.items())), "locations": dict(sorted(self.locations.items()))}
 
     @staticmethod
@@ -205,6 +221,7 @@ class RouteTable:
             {str(k): Activation(int(a["queue"]), float(a["timeout"]))
              for k, a in (data.get("activation") or {}).items()},
             {str(k): Overflow.from_dict(o) for k, o in (data.get("overflow") or {}).items()},
+            {str(k): TokenLimits.from_dict(t) for k, t in (data.get("tokens") or {}).items()},
             {str(k): str(v) for k, v in (data.get("secrets") or {}).items()},
             {str(k): str(v) for k, v in (data.get("locations") or {}).items()})
 
@@ -229,6 +246,9 @@ class RouteTable:
 class RouteStore:
     """Versioned route tables in ``<stateDir>/routes.db``."""
 
+    # The settings columns, added to a routes.db written before they existed.
+    SETTINGS = ("activation", "overflow", "tokens")
+
     def __init__(self, state_dir: str | Path) -> None:
         path = Path(state_dir)
         path.mkdir(parents=True, exist_ok=True)
@@ -239,15 +259,14 @@ class RouteStore:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS route_tables ("
             " version INTEGER PRIMARY KEY AUTOINCREMENT, published_at REAL NOT NULL, routes TEXT NOT NULL,"
-            " activation TEXT, overflow TEXT)"
+            " activation TEXT, overflow TEXT, tokens TEXT)"
         )
-        self._has_activation = self._ensure_column("activation")
-        self._has_overflow = self._ensure_column("overflow")
-        # (version, routes json, activation json, overflow json) this process last published
-        self._last: tuple[int, str, str | None, str | None] | None = None
+        self._has = {name: self._ensure_column(name) for name in self.SETTINGS}
+        # (version, (routes json, then each settings column's json)) this process last published
+        self._last: tuple[int, tuple[str | None, ...]] | None = None
 
     def _ensure_column(self, name: str) -> bool:
-        """Add the column ``name`` (activation, overflow) to a routes.db written before it existed;
+        """Add the column ``name`` (one of SETTINGS) to a routes.db written before it existed;
         False if it cannot be.
 
         A reader that cannot add it (read-only file, locked) reads the tables without those settings.
@@ -263,44 +282,40 @@ class RouteStore:
         return {str(row[1]) for row in self._db.execute("PRAGMA table_info(route_tables)")}
 
     def publish(self, routes: dict[str, tuple[Backend, ...]], activation: dict[str, Activation] | None = None,
-                overflow: dict[str, Overflow] | None = None) -> int:
+                overflow: dict[str, Overflow] | None = None, tokens: dict[str, TokenLimits] | None = None) -> int:
         """Store a new table if it differs from the latest; returns the current version.
 
         ``activation``: route key -> activation settings of the serverless deployments; ``overflow``:
-        route key -> overflow settings (keys that are not in ``routes`` are ignored), stored in the same
-        transaction as the routes.
+        route key -> overflow settings; ``tokens``: route key -> token limits (keys that are not in
+        ``routes`` are ignored), stored in the same transaction as the routes.
         """
-        activation = {k: a for k, a in (activation or {}).items() if k in routes}
-        overflow = {k: o for k, o in (overflow or {}).items() if k in routes}
-        table = RouteTable(0, routes, activation=activation, overflow=overflow)
+        table = RouteTable(0, routes, activation={k: a for k, a in (activation or {}).items() if k in routes},
+                           overflow={k: o for k, o in (overflow or {}).items() if k in routes},
+                           tokens={k: t for k, t in (tokens or {}).items() if k in routes})
         text = table.to_json()
-        settings = table.activation_json()
-        overflows = table.overflow_json()
-        if settings is not None and not self._has_activation:
-            self._has_activation = self._ensure_column("activation")
-            if not self._has_activation:
-                raise sqlite3.OperationalError(f"{self.path}: cannot add the activation column to route_tables")
-        if overflows is not None and not self._has_overflow:
-            self._has_overflow = self._ensure_column("overflow")
-            if not self._has_overflow:
-                raise sqlite3.OperationalError(f"{self.path}: cannot add the overflow column to route_tables")
-        if (self._last is not None and self._last[1:] == (text, settings, overflows)
-                and self._last[0] == self.latest_version()):
-            return self._last[0]  # unchanged, and nobody else published since: nothing to write
+        settings = {"activation": table.activation_json(), "overflow": table.overflow_json(),
+                    "tokens": table.tokens_json()}
+        for name, value in settings.items():
+            if value is not None and not self._has[name]:
+                self._has[name] = self._ensure_column(name)
+                if not self._has[name]:
+                    raise sqlite3.OperationalError(f"{self.path}: cannot add the {name} column to route_tables")
+        content: tuple[str | None, ...] = (text, *settings.values())
+        if self._last is not None and self._last[1] == content and self._last[0] == self.latest_version():
+            return self._last[0]  # unchanged, and nobody else published since
         latest = self.latest()
-        if (latest is not None and latest.to_json() == text and latest.activation_json() == settings
-                and latest.overflow_json() == overflows):
-            self._last = (latest.version, text, settings, overflows)
+        if latest is not None and (latest.to_json(), latest.activation_json(), latest.overflow_json(),
+                                   latest.tokens_json()) == content:
+            self._last = (latest.version, content)
             return latest.version
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            columns, values = ["published_at", "routes"], [time.time(), text]
-            if self._has_activation:
-                columns.append("activation")
-                values.append(settings)
-            if self._has_overflow:
-                columns.append("overflow")
-                values.append(overflows)
+            columns: list[str] = ["published_at", "routes"]
+            values: list[object] = [time.time(), text]
+            for name, value in settings.items():
+                if self._has[name]:
+                    columns.append(name)
+                    values.append(value)
             cursor = self._db.execute(
                 f"INSERT INTO route_tables ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
                 values)
@@ -314,7 +329,7 @@ class RouteStore:
             if error is exc:
                 raise
             raise error from exc
-        self._last = (version, text, settings, overflows)
+        self._last = (version, content)
         return version
 
     def latest_version(self) -> int:
@@ -322,17 +337,16 @@ class RouteStore:
         return int(row[0] or 0)
 
     def latest(self) -> RouteTable | None:
-        if not self._has_activation or not self._has_overflow:
+        if not all(self._has.values()):
             # a reader that could not add a column: has the daemon since?
             present = self._columns()
-            self._has_activation = "activation" in present
-            self._has_overflow = "overflow" in present
-        columns = "version, routes, published_at, " + ("activation" if self._has_activation else "NULL") + \
-            ", " + ("overflow" if self._has_overflow else "NULL")
+            self._has = {name: name in present for name in self.SETTINGS}
+        columns = "version, routes, published_at, " + ", ".join(name if self._has[name] else "NULL"
+                                                                 for name in self.SETTINGS)
         row = self._db.execute(f"SELECT {columns} FROM route_tables ORDER BY version DESC LIMIT 1").fetchone()
         if row is None:
             return None
-        return RouteTable.from_json(int(row[0]), row[1], float(row[2]), row[3], row[4])
+        return RouteTable.from_json(int(row[0]), row[1], float(row[2]), row[3], row[4], row[5])
 
     def close(self) -> None:
         self._db.close()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 import uvicorn
@@ -20,7 +21,8 @@ from starlette.types import Receive, Scope, Send
 from modelfleet.reconciler.gateway.app import Gateway
 from modelfleet.reconciler.gateway.routes import Activation, Backend, RouteStore
 from modelfleet.reconciler.gateway.server import build_server
-from modelfleet.state.demand import DemandReport
+from modelfleet.state.demand import DemandReply, DemandReport, WindowUsage
+from modelfleet.state.token_limits import TokenLimits
 from tests.http_server import ServerThread, bound_socket
 
 # GATEWAY_TEST_HTTP=h11 GATEWAY_TEST_LOOP=asyncio runs everything without httptools/uvloop.
@@ -43,7 +45,9 @@ def serve(server: uvicorn.Server) -> ServerThread:
 class EchoBackend:
     """A tiny inference server: answers with its name and what it received.
 
-    ``/stream`` sends ``first`` and holds the rest until ``release`` is set; ``/slow?ms=N`` waits N ms.
+    ``/stream`` sends ``first`` and holds the rest until ``release`` is set; ``/slow?ms=N`` waits N ms;
+    ``/usage?in=N&out=M`` answers like an OpenAI API, with ``usage`` (``/usage-stream``: as an event
+    stream whose last event has it).
     """
 
     def __init__(self, name: str) -> None:
@@ -92,6 +96,9 @@ class EchoBackend:
                 self.cancelled.set()
                 return
             hangup.cancel()
+        if path in ("/usage", "/usage-stream"):
+            await self._usage(send, dict(parse_qsl(query.decode())), stream=path == "/usage-stream")
+            return
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         payload = json.dumps({
             "backend": self.name, "method": scope["method"], "path": path,
@@ -101,6 +108,25 @@ class EchoBackend:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
             (b"x-backend", self.name.encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+    async def _usage(self, send: Send, query: dict[str, str], stream: bool) -> None:
+        prompt, completion = int(query.get("in", "0")), int(query.get("out", "0"))
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if stream:
+            chunks = [b'data: {"choices": [{"delta": {"content": "hi"}}], "usage": null}\n\n',
+                      b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n",
+                      b"data: [DONE]\n\n"]
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        payload = json.dumps({"object": "list", "backend": self.name, "usage": usage}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -133,8 +159,9 @@ class GatewayUnderTest:
         self.url = self.thread.url
         self.client = httpx.Client(base_url=self.url, timeout=10)
 
-    def publish(self, routes: dict[str, tuple[Backend, ...]], activation: dict[str, Activation] | None = None) -> int:
-        return self.store.publish(routes, activation=activation)
+    def publish(self, routes: dict[str, tuple[Backend, ...]], activation: dict[str, Activation] | None = None,
+                tokens: dict[str, TokenLimits] | None = None) -> int:
+        return self.store.publish(routes, activation=activation, tokens=tokens)
 
     def wait_version(self, version: int, timeout: float = 2.0) -> float:
         started = time.monotonic()
@@ -247,6 +274,8 @@ class DemandServer:
 
     def __init__(self, token: str | None = None) -> None:
         self.token = token
+        # Set: answered like the daemon (202, a DemandReply with these token sums), else 204 without a body.
+        self.reply_tokens: dict[str, dict[str, WindowUsage]] | None = None
         self.reports: list[DemandReport] = []
         self.authorizations: list[str | None] = []
         self.invalid: list[str] = []
@@ -276,6 +305,12 @@ class DemandServer:
             except ValueError as exc:
                 self.invalid.append(str(exc))
                 status = 422
+        if status == 204 and self.reply_tokens is not None:
+            reply = DemandReply(tokens=self.reply_tokens).model_dump_json().encode()
+            await send({"type": "http.response.start", "status": 202, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(reply)).encode())]})
+            await send({"type": "http.response.body", "body": reply})
+            return
         await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
         await send({"type": "http.response.body", "body": b""})
 

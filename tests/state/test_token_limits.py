@@ -157,3 +157,12 @@ def test_estimate_is_a_quarter_of_the_bytes() -> None:
     assert estimated_tokens(0) == 0
     assert estimated_tokens(1) == 1
     assert estimated_tokens(400) == 100
+
+
+def test_a_budget_that_limits_nothing_is_rejected_with_the_fix() -> None:
+    files = _repo(["empty"], [], ["apiVersion: modelfleet.dev/v1alpha1\nkind: Policy\nmetadata: {name: empty}\n"
+                                  "spec:\n  type: maxToken\n  maxTokens: {granularity: hour}\n"])
+    catalog, _ = desired_of(files, fixture_pool())
+    messages = [str(e) for e in catalog.all_errors()]
+    assert any("policies.yaml" in m and "maxTokens limits nothing" in m and "input, output, total" in m
+               for m in messages), messages

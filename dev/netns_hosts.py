@@ -886,7 +886,8 @@ _ECHO_HANDLER = r"""#!/bin/sh
 # One HTTP exchange; the connection is on stdin/stdout (nc -ll -e).
 #   GET /ping, /healthz, /readyz -> 200 {"status": "Healthy"}, or 500 while not ready:
 #       FAIL_READY=1 never ready; READY_DELAY=N ready N seconds after the container started.
-#   anything else -> 200 {"version": $VERSION, "host": hostname, "method", "path", "bytes"}
+#   anything else -> 200 {"version": $VERSION, "host": hostname, "method", "path", "bytes"};
+#       with ?sleep=S in the query, after S seconds (a model that takes its time: concurrency).
 cr=$(printf '\r')
 read -r method target _proto || exit 0
 length=0
@@ -921,6 +922,10 @@ ready() {
 }
 
 path=${target%%\?*}
+case $target in
+    *\?*sleep=*) delay=${target#*sleep=}; delay=${delay%%&*}
+        case $delay in ''|*[!0-9.]*) ;; *) sleep "$delay" ;; esac ;;
+esac
 case $path in
     /ping|/healthz|/readyz)
         if ready; then

@@ -123,3 +123,57 @@ def test_scale_from_zero_up_and_back_to_zero(tmp_path: Path, clean_hosts: list[T
     finally:
         fleet.stop()
         fleet.kill_gateway()
+
+
+def test_a_concurrency_ramp_scales_up_without_failures_and_back_to_zero(tmp_path: Path,
+                                                                         clean_hosts: list[TestHost]) -> None:
+    """metric: concurrency, target 1 in flight per replica: three clients that each keep a slow
+    request (0.4 s) in flight scale the deployment from zero to maxReplicas (3), and no request fails."""
+    fleet = make_fleet(tmp_path, clean_hosts)
+    model = echo_model("slc", replicas=0, environment="development")
+    deployment = model["spec"]["deployments"][0]
+    del deployment["replicas"]
+    deployment["serverless"] = {**SERVERLESS, "metric": "concurrency", "target": 1, "queue": 20,
+                                "activationTimeout": "20s"}
+    fleet.push({**BASE_MANIFESTS, "models/slc.yaml": model})
+    fleet.start()
+    try:
+        fleet.wait(lambda: fleet.deployment("slc", "development").get("reason") == "ScaledToZero", 60, "standby")
+        fleet.wait(fleet.routed, 10, "gateway follows the table")
+        url = f"http://127.0.0.1:{fleet.gateway_port}/models/slc/infer?environment=development&sleep=0.4"
+        codes: Counter[int] = Counter()
+        peak = 0
+        stop = threading.Event()
+
+        def client_loop() -> None:
+            with httpx.Client(trust_env=False, timeout=30) as client:
+                while not stop.is_set():
+                    try:
+                        codes[client.get(url).status_code] += 1
+                    except httpx.HTTPError as exc:
+                        codes[599] += 1
+                        print("request failed:", exc)
+
+        clients = [threading.Thread(target=client_loop, daemon=True) for _ in range(3)]
+        for thread in clients:
+            thread.start()
+        deadline = time.monotonic() + 40
+        try:
+            while time.monotonic() < deadline and peak < 3:
+                peak = max(peak, len(_running(fleet, "slc")))
+                time.sleep(0.3)
+            time.sleep(1)  # requests in flight while the last replica joins
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=30)
+        assert set(codes) == {200}, (codes, fleet.log())
+        assert peak == 3, (peak, fleet.deployment("slc", "development"))
+        status = fleet.deployment("slc", "development")
+        assert status["autoscaler"]["metric"] == "concurrency", status
+        # Idle: back to zero running containers, the replicas kept as stopped standbys.
+        fleet.wait(lambda: not _running(fleet, "slc"), 60, "scaled back to zero")
+        assert len(_of(fleet, "slc")) >= 1
+    finally:
+        fleet.stop()
+        fleet.kill_gateway()

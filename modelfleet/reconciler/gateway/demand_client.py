@@ -36,6 +36,9 @@ log = logging.getLogger("modelfleet.gateway")
 DEMAND_PATH = "/api/v1/demand"
 REPORT_TIMEOUT = 1.0
 WARN_EVERY = 60.0  # seconds between two warnings about failing reports
+# Tokens counted for a deployment with token limits are reported this soon (seconds), batched: so
+# that every gateway (and gateway worker) learns of the others' use within a fraction of a second.
+TOKEN_SYNC_DELAY = 0.25
 
 
 def default_gateway_id() -> str:
@@ -59,6 +62,9 @@ class DemandReporter:
         self.url = demand_url(control_plane)
         self.overflow = overflow  # deployments with an on-prem endpoint: where their requests went
         self.tokens = tokens  # the tokens counted here; the daemon answers with every gateway's sums
+        if tokens is not None:
+            tokens.on_limited_count = self.sync_tokens
+        self._token_sync: asyncio.TimerHandle | None = None
         self.load = load
         self.routes = routes
         self.activator = activator
@@ -91,7 +97,20 @@ class DemandReporter:
         if self._kicked is not None:
             self._kicked.set()
 
+    def sync_tokens(self) -> None:
+        """Report the tokens just counted within TOKEN_SYNC_DELAY (one report for all counted meanwhile)."""
+        if self._kicked is None or self._token_sync is not None:
+            return
+        self._token_sync = asyncio.get_running_loop().call_later(TOKEN_SYNC_DELAY, self._sync_now)
+
+    def _sync_now(self) -> None:
+        self._token_sync = None
+        self.kick()
+
     async def aclose(self) -> None:
+        if self._token_sync is not None:
+            self._token_sync.cancel()
+            self._token_sync = None
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

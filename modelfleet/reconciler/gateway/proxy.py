@@ -185,10 +185,11 @@ class Proxy:
             response = exchange.response_tokens
             counts = response.usage() if response is not None else None
             key = route_key(model, environment)
-            if counts is None and key in self.routes.table.tokens:  # estimated only where a limit needs it
+            limited = key in self.routes.table.tokens
+            if counts is None and limited:  # estimated only where a limit needs it
                 counts = estimate_tokens(exchange.request_bytes, response, exchange.sent)
             if counts is not None:
-                self.tokens.count(key, model, environment, exchange.backend, counts)
+                self.tokens.count(key, model, environment, exchange.backend, counts, limited)
         self.executions.record(exchange.request_id or "-", model, environment, status, seconds, exchange.request_bytes,
                                exchange.sent, exchange.backend, exchange.cold_start, exchange.overflow,
                                exchange.retried)

@@ -9,7 +9,8 @@ without one counts its request body's estimated tokens as input (``state/token_l
 quarter of its bytes), and an event stream's as much output, so a limit holds for backends that
 do not report usage too.
 
-**Enforcing.** Every gateway reports its counts to the daemon with its demand reports (every ~2 s);
+**Enforcing.** Every gateway reports its counts to the daemon with its demand reports (every ~2 s,
+and within ``TOKEN_SYNC_DELAY`` of counting tokens for a deployment with limits);
 the daemon sums them over all gateways and answers with each limited deployment's usage in its
 current windows. Before forwarding a request of a deployment with token limits the gateway adds
 what it counted since its last report was answered, and asks the pure core
@@ -149,10 +150,16 @@ class TokenLedger:
         self._unreported: dict[str, dict[str, tuple[float, TokenCounts]]] = {}  # since the last report was built
         self._in_report: dict[str, dict[str, tuple[float, TokenCounts]]] = {}  # in the report on its way
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        # Called when a deployment with token limits counted tokens: the demand reporter sends them
+        # (and learns every gateway's sums) soon, not at its next 2 s tick.
+        self.on_limited_count: Callable[[], None] | None = None
 
-    def count(self, key: str, model: str, environment: str, backend: Backend | None, counts: TokenCounts) -> None:
+    def count(self, key: str, model: str, environment: str, backend: Backend | None, counts: TokenCounts,
+              limited: bool = False) -> None:
         if not counts.total:
             return
+        if limited and self.on_limited_count is not None:
+            self.on_limited_count()
         now = self.clock()
         before = self.counted.get(key, TokenCounts())
         self.counted[key] = before + counts

@@ -18,6 +18,7 @@ import httpx
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
+from modelfleet.reconciler.daemon.tokens import TokenBook
 from modelfleet.reconciler.gateway.app import Gateway
 from modelfleet.reconciler.gateway.routes import Activation, Backend, RouteStore
 from modelfleet.reconciler.gateway.server import build_server
@@ -276,6 +277,9 @@ class DemandServer:
         self.token = token
         # Set: answered like the daemon (202, a DemandReply with these token sums), else 204 without a body.
         self.reply_tokens: dict[str, dict[str, WindowUsage]] | None = None
+        # Set: sums the reports' tokens like the daemon (its TokenBook) and answers with these keys' sums.
+        self.token_book: TokenBook | None = None
+        self.limited: list[str] = []
         self.reports: list[DemandReport] = []
         self.authorizations: list[str | None] = []
         self.invalid: list[str] = []
@@ -300,8 +304,12 @@ class DemandServer:
             status = 401
         else:
             try:
-                self.reports.append(DemandReport.model_validate_json(body))
+                report = DemandReport.model_validate_json(body)
+                self.reports.append(report)
                 status = 204
+                if self.token_book is not None:
+                    self.token_book.record(report.gateway, report.tokens)
+                    self.reply_tokens = self.token_book.reply(self.limited)
             except ValueError as exc:
                 self.invalid.append(str(exc))
                 status = 422

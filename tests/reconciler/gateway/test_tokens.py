@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from modelfleet.reconciler.daemon.tokens import TokenBook
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.tokens import ResponseTokens, TokenLedger, parse_usage
 from modelfleet.state.demand import WindowUsage
@@ -127,3 +128,24 @@ def test_the_daemons_sums_of_every_gateway_are_enforced(backends: Any, make_gate
     assert who(gw.client.get("/models/m/usage", params={"in": 2, "out": 1})) == "a"
     wait_for(lambda: any(r.tokens.get(KEY) and r.tokens[KEY].input == 2 and r.tokens[KEY].output == 1
                          for r in daemon.reports), "a report with the tokens counted here")
+
+
+def test_two_gateways_learn_of_each_others_tokens_within_a_fraction_of_a_second(
+        backends: Any, make_gateway: Any, demand_server: Any) -> None:
+    """Reports every 30 s: what makes them meet is the report sent soon after counting tokens of a
+    limited deployment (TOKEN_SYNC_DELAY), answered with the daemon's sums."""
+    _, a = backends("a")
+    daemon, api = demand_server()
+    daemon.token_book, daemon.limited = TokenBook(), [KEY]
+    first = make_gateway({KEY: (route(a),)}, control_plane=api.url, report_interval=30, gateway_id="gw-1")
+    second = make_gateway({KEY: (route(a),)}, control_plane=api.url, report_interval=30, gateway_id="gw-2")
+    for gw in (first, second):
+        gw.wait_version(gw.publish({KEY: (route(a),)}, tokens={KEY: LIMITS}))
+    assert who(first.client.get("/models/m/usage", params={"in": 6})) == "a"  # 6 of 10, at gw-1
+    wait_for(lambda: any(r.gateway == "gw-1" and KEY in r.tokens for r in daemon.reports), "gw-1's tokens reported",
+             timeout=2)
+    assert who(second.client.get("/models/m/usage", params={"in": 4})) == "a"  # 10 of 10: gw-2 learns it
+    wait_for(lambda: second.client.get("/models/m/usage").status_code == 429, "gw-2 to refuse", timeout=2)
+    # gw-1 learns what gw-2 used with its next report: the sums come back on any report's answer.
+    first.app.reporter.kick()
+    wait_for(lambda: first.client.get("/models/m/usage").status_code == 429, "gw-1 to refuse", timeout=2)

@@ -9,6 +9,7 @@ import pytest
 
 from modelfleet.reconciler.gateway.follower import RouteFollower
 from modelfleet.reconciler.gateway.routes import ROUTES_DB, Activation, Backend, RouteStore, RouteTable
+from modelfleet.state.token_limits import TokenBudget, TokenLayer, TokenLimits
 
 A = Backend("http://10.0.0.1:9000", "c1", "h1")
 KEY = "m/production"
@@ -51,6 +52,25 @@ def test_a_routes_db_without_the_activation_column_keeps_working(tmp_path: Path)
     v2 = store.publish({KEY: ()}, activation={KEY: Activation(3, 5)})
     latest = store.latest()
     assert latest is not None and latest.version == v2 == 2 and latest.activation == {KEY: Activation(3, 5.0)}
+    store.close()
+
+
+LIMITS = TokenLimits((TokenLayer("the deployment", (TokenBudget("p", "hour", input=5, total=9),)),))
+
+
+def test_token_limits_are_published_with_the_routes_and_sent_to_remote_gateways(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / ROUTES_DB)  # as a daemon wrote it before token limits
+    db.execute("CREATE TABLE route_tables (version INTEGER PRIMARY KEY AUTOINCREMENT, published_at REAL NOT NULL,"
+               " routes TEXT NOT NULL, activation TEXT, overflow TEXT)")
+    db.commit()
+    db.close()
+    store = RouteStore(tmp_path)
+    v1 = store.publish({KEY: (A,)}, tokens={KEY: LIMITS, "not-routed/production": LIMITS})
+    latest = store.latest()
+    assert latest is not None and latest.version == v1 and latest.tokens == {KEY: LIMITS}
+    assert store.publish({KEY: (A,)}, tokens={KEY: LIMITS}) == v1  # unchanged: no new version
+    assert store.publish({KEY: (A,)}) > v1  # the limits alone lifted: a new version
+    assert RouteTable.from_payload(latest.to_payload()).tokens == {KEY: LIMITS}  # GET /api/v1/routes
     store.close()
 
 

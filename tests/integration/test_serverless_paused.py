@@ -1,6 +1,7 @@
 """Serverless with ``standby: paused`` on the real pool: the standby is started, waits until ready
 and is frozen (docker pause), never routed while paused; the first request thaws that same
-container (no new start); idle, it is paused again; switching the mode stops or pauses it in place."""
+container (no new start); idle, it is paused again; switching the mode stops or pauses it in place; a new
+version replaces the paused container with a new paused one."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def _started_at(fleet: Fleet, container_id: str) -> str:
         client.close()
 
 
-def _model(standby: str) -> dict[str, Any]:
-    model = echo_model("ps", replicas=0, environment="development")
+def _model(standby: str, version: str = "v1") -> dict[str, Any]:
+    model = echo_model("ps", version=version, replicas=0, environment="development")
     deployment = model["spec"]["deployments"][0]
     del deployment["replicas"]
     deployment["serverless"] = {**copy.deepcopy(SERVERLESS), "standby": standby}
@@ -87,6 +88,15 @@ def test_a_paused_standby_is_thawed_by_the_first_request_and_paused_again(
         assert _of(fleet, "ps")[0]["id"] == standby["id"]
         warm = fleet.call("ps", "/infer", environment="development")
         assert warm.status_code == 200, (warm.status_code, warm.text, fleet.log())
+        fleet.wait(lambda: _only_state(fleet, "ps", "paused"), 60, "paused again before the new version")
+
+        # 5. A new version of a paused standby: a new container, paused once ready; the old (paused)
+        #    one removed; the next request is answered by the new version.
+        fleet.push({**BASE_MANIFESTS, "models/ps.yaml": _model("paused", version="v2")}, "v2")
+        fleet.wait(lambda: _only_state(fleet, "ps", "paused") and _of(fleet, "ps")[0]["id"] != standby["id"], 60,
+                   "the new version paused, the old one removed")
+        v2 = fleet.call("ps", "/infer", environment="development")
+        assert v2.status_code == 200 and "v2" in v2.text, (v2.status_code, v2.text, fleet.log())
     finally:
         fleet.stop()
         fleet.kill_gateway()

@@ -377,6 +377,7 @@ class Results:
     model: Model
     gateway: list[Round] = field(default_factory=list)
     baseline: list[Round] = field(default_factory=list)
+    held_memory: float | None = None  # MiB the (paused) standby holds at the end, per docker stats
 
 
 class Bench:
@@ -418,6 +419,16 @@ class Bench:
                 return False
             return self.fleet.idle()
         wait_until(at_zero, timeout, f"{model.name} back at zero", interval=0.2)
+
+    def memory(self, model: Model) -> float | None:
+        """MiB of memory the deployment's container holds now (docker stats: usage minus page cache)."""
+        stats = self.client.api.stats(self.standby(model)["Id"], stream=False)
+        memory = stats.get("memory_stats") or {}
+        usage = memory.get("usage")
+        if usage is None:
+            return None
+        cache = (memory.get("stats") or {}).get("inactive_file", 0)
+        return float(usage - cache) / 2**20
 
     @staticmethod
     def _standing_by(model: Model, container: dict[str, Any]) -> bool:
@@ -535,6 +546,9 @@ def report(results: Sequence[Results]) -> bool:
             say(f"    where the gateway's time went (medians, from the request): demand pass started +{s(daemon)}, "
                 f"first byte +{s(statistics.median(gw))} (= daemon reaction {s(daemon)}, unpause + probe + route + "
                 f"forward {s(statistics.median(gw) - daemon)})")
+            if r.held_memory is not None:
+                say(f"    the paused standby holds {r.held_memory:.0f} MiB of memory while it waits (docker stats), "
+                    "and no CPU")
             say(f"    {verdict}: p50 {s(statistics.median(gw))} (target <= {r.model.target:.1f} s)")
             continue
         started = med([x.container_started for x in r.gateway])
@@ -647,6 +661,10 @@ def main(argv: list[str] | None = None) -> int:
                     if measured:
                         result.gateway.append(cold)
                         result.baseline.append(floor)
+            for result in results:  # what a paused standby costs while it waits
+                if result.model.paused:
+                    bench.wait_at_zero(result.model)
+                    result.held_memory = bench.memory(result.model)
         failed = False
         all_ok = report(results)
         say(f"\nmachine: {os.cpu_count()} CPUs, shared with whatever else runs (quote medians); load average "

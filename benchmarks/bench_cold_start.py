@@ -12,17 +12,22 @@ its gateway child) on a local bare repository holding two serverless deployments
 (``minReplicas: 0``, ``scaleToZeroGrace: 3s``):
 
 - ``tiny-classifier``: examples-repo/models/tiny-classifier.mar on the torch runtime;
-- ``minilm``: sentence-transformers/all-MiniLM-L6-v2 on the transformers runtime.
+- ``minilm``: sentence-transformers/all-MiniLM-L6-v2 on the transformers runtime;
+
+each twice (``--standby both``, the default): with the default stopped standby, and as
+``<name>-paused`` with ``serverless.standby: paused`` (a started, loaded container frozen with
+``docker pause``, thawed on demand).
 
 Each round, per deployment: wait until it is back at zero (its container stopped, no route in the
 gateway, the daemon idle), then time a real inference POST through the gateway (predictions for
 the .mar, embeddings for MiniLM): request sent -> first response byte. The gateway holds it,
 reports the demand, the daemon starts the stopped standby, probes it and publishes the route, and
 the gateway forwards the request. The baseline, interleaved in the same rounds: ``docker start``
-of the same stopped standby -> first 200 of the same inference request sent straight to the
-container (polled every 50 ms, ``--poll``: faster polling slows the start it measures, e.g. 10 ms
-made MiniLM's 0.4 s slower on 1 CPU), then ``docker stop``. One unmeasured round per deployment first
-warms the page cache (``--warmup``).
+of the same stopped standby (a paused one: ``docker unpause``) -> first 200 of the same inference
+request sent straight to the container (polled every 50 ms, ``--poll``: faster polling slows the
+start it measures, e.g. 10 ms made MiniLM's 0.4 s slower on 1 CPU), then ``docker stop`` (``docker
+pause``); a paused deployment's result also sits next to the docker start baseline of the same
+model's stopped standby. One unmeasured round per deployment first warms the page cache (``--warmup``).
 
 Prints p50/p90 of both, their ratio, where the gateway's time went (daemon reaction, docker start,
 the runtime's own start as its "startup:" log line says, probe + route + forward), and PASS/FAIL
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import http.client
 import json
 import math
@@ -90,19 +96,31 @@ RESOURCES = {"cpus": 1, "memory": "1Gi"}
 @dataclass(frozen=True)
 class Model:
     key: str  # --only
-    name: str  # metadata.name
+    name: str  # metadata.name (of the stopped-standby deployment; the paused one adds PAUSED_SUFFIX)
     title: str
     target: float  # p50 seconds, through the gateway
     path: str  # the inference request, as the runtime serves it
     probe: str  # the runtime's default readiness probe path (for --probe-period)
     body: dict[str, Any]
     check: Callable[[Any], bool]  # the answer is a real one
+    standby: str = "stopped"  # serverless.standby of this deployment
 
     @property
     def route(self) -> str:
         return f"{self.name}/{ENVIRONMENT}"
 
+    @property
+    def paused(self) -> bool:
+        return self.standby == "paused"
 
+    def with_standby(self, standby: str) -> Model:
+        if standby == "stopped":
+            return self
+        return dataclasses.replace(self, name=self.name + PAUSED_SUFFIX, standby=standby,
+                                   title=self.title + ", paused standby")
+
+
+PAUSED_SUFFIX = "-paused"
 MODELS = [
     Model("torch", "tiny-classifier", "torch runtime, tiny .mar", 1.0, "/predictions/tiny-classifier", "/ping",
           {"inputs": [0.5, -1.0, 2.0, 0.25]}, lambda out: isinstance(out, dict) and len(out.get("logits", [])) == 3),
@@ -226,7 +244,7 @@ class Fleet:
                                                          "metadata": {"name": ENVIRONMENT}, "spec": {"policies": []}}]}
         for model in models:
             if model.key == "torch":
-                (self.work / "models").mkdir(parents=True, exist_ok=True)
+                (self.work / "models").mkdir(parents=True, exist_ok=True)  # one archive for both variants
                 shutil.copyfile(MAR, self.work / "models" / "tiny-classifier.mar")
                 origin: dict[str, Any] = {"file": {"path": "models/tiny-classifier.mar"}}
                 runtime = "torch"
@@ -238,7 +256,8 @@ class Fleet:
                 runtime_spec["readinessProbe"] = {"path": model.probe, "period": probe_period}
             if runtime_env:
                 runtime_spec["env"] = dict(runtime_env)
-            deployment = {"environment": ENVIRONMENT, "origin": origin, "serverless": SERVERLESS,
+            serverless = {**SERVERLESS, "standby": model.standby} if model.paused else SERVERLESS
+            deployment = {"environment": ENVIRONMENT, "origin": origin, "serverless": serverless,
                           "runtime": runtime_spec}
             files[f"models/{model.name}.yaml"] = {"apiVersion": API, "kind": "Model", "metadata": {"name": model.name},
                                                   "spec": {"deployments": [deployment]}}
@@ -358,6 +377,7 @@ class Results:
     model: Model
     gateway: list[Round] = field(default_factory=list)
     baseline: list[Round] = field(default_factory=list)
+    held_memory: float | None = None  # MiB the (paused) standby holds at the end, per docker stats
 
 
 class Bench:
@@ -377,26 +397,42 @@ class Bench:
         return found[0]
 
     def wait_for_standby(self, model: Model, timeout: float) -> None:
-        """The daemon created the deployment's container (model shipped) and left it stopped."""
+        """The daemon created the deployment's container (model shipped) and left it stopped (or,
+        ``standby: paused``, started it, waited until ready and paused it)."""
         def ready() -> bool:
             self.fleet.alive()
             status = self.fleet.deployment(model)
             containers = self.containers(model)
             return (status.get("reason") == STANDBY and len(containers) == 1
-                    and containers[0]["State"] != "running")
+                    and self._standing_by(model, containers[0]))
         wait_until(ready, timeout, f"the standby of {model.name} (status {self.fleet.deployment(model)})",
                    interval=0.5)
 
     def wait_at_zero(self, model: Model, timeout: float = 120) -> None:
-        """No running container, no route in the gateway, the daemon idle: the next request is cold."""
+        """No running container, no route in the gateway, the daemon idle: the next request is cold
+        (for a paused standby: the container paused again)."""
         def at_zero() -> bool:
             self.fleet.alive()
-            if any(c["State"] == "running" for c in self.containers(model)):
+            if not all(self._standing_by(model, c) for c in self.containers(model)):
                 return False
             if self.fleet.gateway_routes().get("routes", {}).get(model.route):
                 return False
             return self.fleet.idle()
         wait_until(at_zero, timeout, f"{model.name} back at zero", interval=0.2)
+
+    def memory(self, model: Model) -> float | None:
+        """MiB of memory the deployment's container holds now (docker stats: usage minus page cache)."""
+        stats = self.client.api.stats(self.standby(model)["Id"], stream=False)
+        memory = stats.get("memory_stats") or {}
+        usage = memory.get("usage")
+        if usage is None:
+            return None
+        cache = (memory.get("stats") or {}).get("inactive_file", 0)
+        return float(usage - cache) / 2**20
+
+    @staticmethod
+    def _standing_by(model: Model, container: dict[str, Any]) -> bool:
+        return bool(container["State"] == "paused") if model.paused else container["State"] != "running"
 
     def startup_of(self, container_id: str, since: float) -> tuple[float | None, float | None, str]:
         """(docker's StartedAt, when the runtime logged that it is ready, its "startup:" line), as
@@ -435,7 +471,8 @@ class Bench:
 
     def baseline(self, model: Model, attempts: int = 3) -> Round:
         """docker start of the stopped standby -> first 200 of the inference request, straight to the
-        container; then docker stop. Retried when the container stops underneath (a daemon pass)."""
+        container; then docker stop. Retried when the container stops underneath (a daemon pass).
+        A paused standby: docker unpause -> first 200, then docker pause."""
         container = self.standby(model)
         cid = container["Id"]
         env = dict(item.split("=", 1) for item in self.client.api.inspect_container(cid)["Config"]["Env"] or [])
@@ -443,7 +480,7 @@ class Bench:
         for _ in range(attempts):
             sent_wall = time.time()
             started = time.perf_counter()
-            self.client.api.start(cid)
+            (self.client.api.unpause if model.paused else self.client.api.start)(cid)
             try:
                 ports = self.client.api.inspect_container(cid)["NetworkSettings"]["Ports"]
                 port = int(next(iter(v for v in ports.values() if v))[0]["HostPort"])
@@ -465,7 +502,10 @@ class Bench:
                 continue  # stopped underneath (no port): start again
             finally:
                 with contextlib.suppress(docker.errors.APIError):
-                    self.client.api.stop(cid, timeout=10)
+                    if model.paused:
+                        self.client.api.pause(cid)
+                    else:
+                        self.client.api.stop(cid, timeout=10)
             started_at, ready, line = self.startup_of(cid, sent_wall)
             result = Round(elapsed, container_started=None if started_at is None else started_at - sent_wall,
                            runtime_ready=None if ready is None else ready - sent_wall, startup_line=line)
@@ -474,8 +514,10 @@ class Bench:
 
 
 def report(results: Sequence[Results]) -> bool:
-    say("\nresults (gateway: request sent -> first response byte; baseline: docker start -> first 200, direct)")
+    say("\nresults (gateway: request sent -> first response byte; baseline: docker start -> first 200, direct;"
+        " paused standbys: docker unpause -> first 200)")
     all_ok = True
+    start_baselines = {r.model.key: [x.seconds for x in r.baseline] for r in results if not r.model.paused}
     for r in results:
         gw = [x.seconds for x in r.gateway]
         base = [x.seconds for x in r.baseline]
@@ -485,15 +527,30 @@ def report(results: Sequence[Results]) -> bool:
         say(f"\n  {r.model.name} ({r.model.title}), {len(gw)} rounds")
         say(f"    through the gateway: p50 {s(statistics.median(gw))}, p90 {s(percentile(gw, 90))}   "
             f"[{', '.join(f'{x:.2f}' for x in gw)}]")
-        say(f"    baseline           : p50 {s(statistics.median(base))}, p90 {s(percentile(base, 90))}   "
-            f"[{', '.join(f'{x:.2f}' for x in base)}]")
+        say(f"    baseline{' (unpause)' if r.model.paused else '          '}: p50 {s(statistics.median(base))}, p90 "
+            f"{s(percentile(base, 90))}   [{', '.join(f'{x:.2f}' for x in base)}]")
         say(f"    ratio gateway/baseline p50: {ratio:.2f}x")
+        if r.model.paused and start_baselines.get(r.model.key):
+            starts = start_baselines[r.model.key]
+            say(f"    next to the docker start baseline of the same model (stopped standby, same run): p50 "
+                f"{s(statistics.median(starts))}, p90 {s(percentile(starts, 90))}; gateway/docker start p50 "
+                f"{statistics.median(gw) / statistics.median(starts):.2f}x")
 
         def med(values: list[float | None]) -> float:
             known = [v for v in values if v is not None]
             return statistics.median(known) if known else float("nan")
 
         daemon = med([x.pass_started for x in r.gateway])
+        verdict = "PASS" if ok else "FAIL"
+        if r.model.paused:  # no start: the container was running (frozen) all along
+            say(f"    where the gateway's time went (medians, from the request): demand pass started +{s(daemon)}, "
+                f"first byte +{s(statistics.median(gw))} (= daemon reaction {s(daemon)}, unpause + probe + route + "
+                f"forward {s(statistics.median(gw) - daemon)})")
+            if r.held_memory is not None:
+                say(f"    the paused standby holds {r.held_memory:.0f} MiB of memory while it waits (docker stats), "
+                    "and no CPU")
+            say(f"    {verdict}: p50 {s(statistics.median(gw))} (target <= {r.model.target:.1f} s)")
+            continue
         started = med([x.container_started for x in r.gateway])
         ready = med([x.runtime_ready for x in r.gateway])
         base_ready = med([x.runtime_ready for x in r.baseline])
@@ -506,7 +563,6 @@ def report(results: Sequence[Results]) -> bool:
         lines = [x.startup_line for x in r.gateway + r.baseline if x.startup_line]
         if lines:
             say(f"    the runtime's own account (last start): {lines[-1]}")
-        verdict = "PASS" if ok else "FAIL"
         say(f"    {verdict}: p50 {s(statistics.median(gw))} (target <= {r.model.target:.1f} s)")
     return all_ok
 
@@ -535,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds per deployment (5)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (1)")
     parser.add_argument("--only", choices=[m.key for m in MODELS], action="append", help="only these (repeatable)")
+    parser.add_argument("--standby", choices=["stopped", "paused", "both"], default="both",
+                        help="serverless.standby of the deployments: each model once per mode (both)")
     parser.add_argument("--poll", type=float, default=0.05, help="the baseline's polling interval, seconds (0.05)")
     parser.add_argument("--probe-period", help="readinessProbe.period of the deployments, e.g. 100ms (default: "
                                                "the runtime's default probe, period 1s)")
@@ -544,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="bound of the whole run, seconds (1800)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) and the dockerd log")
     args = parser.parse_args(argv)
-    models = [m for m in MODELS if not args.only or m.key in args.only]
+    modes = ["stopped", "paused"] if args.standby == "both" else [args.standby]
+    models = [m.with_standby(mode) for m in MODELS if not args.only or m.key in args.only for mode in modes]
     runtime_env = {}
     for item in args.runtime_env:
         name, sep, value = item.partition("=")
@@ -602,8 +661,14 @@ def main(argv: list[str] | None = None) -> int:
                     if measured:
                         result.gateway.append(cold)
                         result.baseline.append(floor)
+            for result in results:  # what a paused standby costs while it waits
+                if result.model.paused:
+                    bench.wait_at_zero(result.model)
+                    result.held_memory = bench.memory(result.model)
         failed = False
         all_ok = report(results)
+        say(f"\nmachine: {os.cpu_count()} CPUs, shared with whatever else runs (quote medians); load average "
+            f"(1/5/15 min) at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
     except Abort as exc:
         say(f"\naborted: {exc}")
     except Exception as exc:

@@ -24,7 +24,8 @@ class ObservedReplica:
     index: int
     spec_hash: str
     revision: str
-    running: bool
+    running: bool  # the process runs (a paused container does not: it is frozen)
+    paused: bool = False  # frozen with docker pause (a paused standby, serverless.standby: paused)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -32,7 +33,7 @@ class ObservedReplica:
 
 
 def from_labels(
-    host: str, container_id: str, name: str, labels: Mapping[str, str], running: bool
+    host: str, container_id: str, name: str, labels: Mapping[str, str], running: bool, paused: bool = False
 ) -> ObservedReplica | None:
     """None for containers that are not ours or whose labels are damaged (never touched)."""
     if labels.get(LABEL_MANAGED) != "true":
@@ -49,6 +50,7 @@ def from_labels(
             spec_hash=labels[LABEL_SPEC_HASH],
             revision=labels.get(LABEL_REVISION, ""),
             running=running,
+            paused=paused,
         )
     except (KeyError, ValueError):
         return None

@@ -22,6 +22,9 @@ from modelfleet.state.runtimes import ResolvedRuntime, resolve_runtime
 from modelfleet.state.token_limits import TokenLimits, token_limits
 from modelfleet.state.units import format_cpus, format_memory
 
+STANDBY_STOPPED = "stopped"  # serverless.standby: a created container, no process
+STANDBY_PAUSED = "paused"  # serverless.standby: started, loaded, frozen (docker pause)
+
 
 @dataclass(frozen=True)
 class DesiredReplica:
@@ -34,6 +37,10 @@ class DesiredReplica:
     running: bool
     runtime: ResolvedRuntime
     origin: dict[str, object] | None  # resolved origin (digest / HF commit), for the artifact shipper
+    # What the replica is kept as while not running (serverless.standby): "stopped" (no process) or
+    # "paused" (started, loaded, then frozen: docker pause). Not in the spec hash: switching only
+    # stops or pauses the container, it is not replaced.
+    standby: str = STANDBY_STOPPED
 
     @property
     def key(self) -> Key:
@@ -229,10 +236,11 @@ def _compute_desired(
         assert state.runtime is not None and state.spec_hash is not None
         origin = state.origin  # resolved_origin(spec, ...), as _resolve computed it
         active = _active_replicas(spec, demand.get(key, 0))
+        standby = spec.serverless.standby if spec.serverless is not None else STANDBY_STOPPED
         model_name, environment = key
         for index in sorted(assignment):
             replicas.append(DesiredReplica(model_name, environment, index, assignment[index], state.spec_hash,
-                                           revision, index < active, state.runtime, origin))
+                                           revision, index < active, state.runtime, origin, standby))
     # Errors found while resolving (a flavor the policies do not allow, a missing artifact) are
     # errors of the repository as much as syntax errors are: they make the plan invalid.
     errors = set(catalog.all_errors())

@@ -362,8 +362,8 @@ class Runtime(Strict):
 
 
 class Serverless(Strict):
-    """Replicas follow demand (Knative KPA's shape) instead of a fixed count; with minReplicas 0 a stopped
-    standby is kept. The defaults are chosen so the count does not flap."""
+    """Replicas follow demand (Knative KPA's shape) instead of a fixed count; with minReplicas 0 a standby is
+    kept (stopped, or paused with ``standby: paused``). The defaults are chosen so the count does not flap."""
 
     min_replicas: Annotated[int, Field(ge=0, le=1000)] = Field(0, description="Replicas kept when idle (0: scale "
                                                                               "to zero).")
@@ -389,6 +389,11 @@ class Serverless(Strict):
                                                                            "deployment while it activates.")
     activation_timeout: Duration = Field(60.0, description="How long a held request waits for a ready replica "
                                                            "before the gateway answers 503; more than 0.")
+    standby: Literal["stopped", "paused"] = Field(
+        "stopped", description="What an idle replica is kept as (minReplicas 0): stopped (created, image and model "
+                               "on the host, no process: the first request waits for the runtime to start) or "
+                               "paused (started, loaded and then frozen with docker pause: the first request waits "
+                               "only for docker unpause; it keeps its memory, no CPU).")
 
     @model_validator(mode="after")
     def _bounds(self) -> Serverless:

@@ -39,7 +39,7 @@ def failed_rollouts_after(failed: Mapping[str, str], outcomes: Sequence[ActionOu
     for outcome in outcomes:
         action = outcome.action
         if not outcome.ok and outcome.failed_version and action.desired is not None \
-                and action.op in ("create", "replace"):
+                and action.op in ("create", "replace", "pause"):
             marker = failed_rollout_marker(action.model, action.environment, action.desired.spec_hash)
             result[marker] = outcome.error or "rollout failed"
     return result

@@ -1,8 +1,10 @@
 """Plan: the ordered actions that turn the actual state into the desired one (a pure diff).
 
 Ops: ``create`` a missing replica; ``replace`` one whose spec changed or that must move host
-(blue-green: the new one is ready before the old one goes); ``start`` a stopped replica that should
-run; ``stop`` a running one that should stand by; ``remove`` what is no longer wanted. Only
+(blue-green: the new one is ready before the old one goes); ``start`` a stopped (or paused) replica
+that should run; ``stop`` a running one that should stand by; ``pause`` one that should stand by
+paused (``serverless.standby: paused``: a running one is drained and frozen, a stopped one started,
+waited for until ready, then frozen); ``remove`` what is no longer wanted. Only
 replicas the inventory owns are ever removed; frozen (invalid) deployments are left alone.
 Planning the desired state against itself yields no actions.
 """
@@ -13,9 +15,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from modelfleet.state.actual import ObservedReplica
-from modelfleet.state.desired import DesiredReplica, DesiredState
+from modelfleet.state.desired import STANDBY_PAUSED, DesiredReplica, DesiredState
 
-OP_ORDER = {"create": 0, "replace": 0, "start": 0, "stop": 1, "remove": 2}
+OP_ORDER = {"create": 0, "replace": 0, "start": 0, "stop": 1, "pause": 1, "remove": 2}
 
 
 @dataclass(frozen=True)
@@ -100,13 +102,21 @@ def diff(
                                       reason, want, old))
             else:
                 actions.append(Action("create", want.model, want.environment, want.host, want.index,
-                                      "missing" if want.running else "missing (standby, stopped)", want))
+                                      "missing" if want.running else f"missing (standby, {want.standby})", want))
         elif want.running and not keep.running:
             actions.append(Action("start", want.model, want.environment, want.host, want.index,
-                                  "stopped", want, keep))
-        elif not want.running and keep.running:
-            actions.append(Action("stop", want.model, want.environment, want.host, want.index,
-                                  "scaled to zero", want, keep))
+                                  "paused" if keep.paused else "stopped", want, keep))
+        elif not want.running:
+            paused = want.standby == STANDBY_PAUSED
+            if keep.running:
+                actions.append(Action("pause" if paused else "stop", want.model, want.environment, want.host,
+                                      want.index, "scaled to zero", want, keep))
+            elif paused and not keep.paused:
+                actions.append(Action("pause", want.model, want.environment, want.host, want.index,
+                                      "standby is paused (found stopped)", want, keep))
+            elif not paused and keep.paused:
+                actions.append(Action("stop", want.model, want.environment, want.host, want.index,
+                                      "standby is stopped (found paused)", want, keep))
     for rest in by_slot.values():
         leftovers.extend(rest)
 

@@ -297,10 +297,10 @@ def _readiness_checks(inputs: PlanInputs, rows: list[InventoryRow] | None,
 
 
 def _monitored(checks: list[ReadinessCheck], actions: list[Action]) -> list[ReadinessCheck]:
-    """The checks the monitor repeats after this plan: not of a container the actions stop, remove
-    or replace (a replica drained for a stop must not be routed again because it still answers)."""
+    """The checks the monitor repeats after this plan: not of a container the actions stop, pause,
+    remove or replace (a replica drained for a stop must not be routed again because it still answers)."""
     leaving = {(a.current.host, a.current.container_id) for a in actions
-               if a.current is not None and a.op in ("stop", "remove", "replace")}
+               if a.current is not None and a.op in ("stop", "pause", "remove", "replace")}
     return [c for c in checks if (c.host, c.container_id) not in leaving]
 
 
@@ -323,7 +323,8 @@ def _hold(proposed: list[Action], failed: Mapping[str, str], rows: list[Inventor
     held: list[HeldAction] = []
     for action in proposed:
         why = None
-        if action.desired is not None and action.op in ("create", "replace"):
+        if action.desired is not None and action.op in ("create", "replace", "pause"):
+            # (a standby that never got ready to be paused stays stopped: a stopped standby still serves)
             marker = failed_rollout_marker(action.model, action.environment, action.desired.spec_hash)
             if marker in failed:
                 why = (f"version {action.desired.spec_hash[:8]} failed its rollout and is not retried until "

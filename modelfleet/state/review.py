@@ -23,7 +23,7 @@ PLAN_CONTEXT = "modelfleet/plan"
 FIELDS = ("enabled", "replicas", "serverless", "image", "runtime", "origin", "policies", "resources", "hosts",
           "spec_hash")
 COUNTED_OPS = ("create", "replace", "remove")
-OTHER_OPS = ("start", "stop")
+OTHER_OPS = ("start", "stop", "pause")
 
 
 @dataclass(frozen=True)

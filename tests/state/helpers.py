@@ -69,8 +69,10 @@ def echo_deployment(env: str, *, replicas: int = 1, image: str = "example/echo:1
 
 
 def observed(replica: DesiredReplica, *, container_id: str | None = None, host: str | None = None,
-             spec_hash: str | None = None, running: bool | None = None) -> ObservedReplica:
-    """What the pool reports for a container created from ``replica`` (optionally drifted)."""
+             spec_hash: str | None = None, running: bool | None = None,
+             paused: bool | None = None) -> ObservedReplica:
+    """What the pool reports for a container created from ``replica`` (optionally drifted); a
+    standby of ``serverless.standby: paused`` is paused unless said otherwise."""
     where = host or replica.host
     cid = container_id or f"c-{replica.model}-{replica.environment}-{replica.index}-{where}"
     return ObservedReplica(
@@ -78,6 +80,7 @@ def observed(replica: DesiredReplica, *, container_id: str | None = None, host: 
         model=replica.model, environment=replica.environment, index=replica.index,
         spec_hash=spec_hash or replica.spec_hash, revision=replica.revision,
         running=replica.running if running is None else running,
+        paused=(not replica.running and replica.standby == "paused") if paused is None else paused,
     )
 
 

@@ -284,6 +284,13 @@ BAD_INPUT: dict[str, tuple[dict[str, bytes], list[tuple[str, int, str, str, str]
         runtime: {type: custom, image: x}""")}), [
         ("m.yaml", 7, "spec.deployments[0].serverless", "minReplicas must not exceed", ""),
     ]),
+    "serverless-standby-unknown-mode": (with_base(**{"m.yaml": custom_model("m", """
+        environment: production
+        serverless: {minReplicas: 0, standby: frozen}
+        runtime: {type: custom, image: x}""")}), [
+        ("m.yaml", 7, "spec.deployments[0].serverless.standby", "'frozen' is not allowed",
+         "use one of 'stopped' or 'paused'"),
+    ]),
     "origin-missing-for-huggingface-runtime": (with_base(**{"m.yaml": custom_model("m", """
         environment: production
         runtime: {type: transformers}""")}), [

@@ -172,6 +172,58 @@ def test_serverless_standby_is_created_stopped_started_on_demand_and_stopped_whe
                                              ("remove", "sentiment", "development", 1, "scaled down")]
 
 
+PAUSED_SENTIMENT = SENTIMENT.replace("maxReplicas: 2}", "maxReplicas: 2, standby: paused}")
+
+
+def test_a_paused_standby_is_created_paused_thawed_on_demand_and_paused_again_when_idle() -> None:
+    files = base_repo(**{"models/sentiment.yaml": PAUSED_SENTIMENT})
+    _, idle = desired_of(files, fixture_pool())
+    [standby] = [r for r in idle.replicas if r.model == "sentiment"]
+    assert not standby.running and standby.standby == "paused"
+    assert ("create", "sentiment", "development", 0, "missing (standby, paused)") in ops(diff(idle, []))
+    assert diff(idle, mirror(idle)) == []  # a paused standby is what is wanted: nothing to do
+    _, busy = desired_of(files, fixture_pool(), demand={("sentiment", "development"): 5})
+    assert ops(diff(busy, mirror(idle))) == [("start", "sentiment", "development", 0, "paused"),
+                                             ("create", "sentiment", "development", 1, "missing")]
+    # Idle again: the standby is paused (not stopped), the second replica removed.
+    assert ops(diff(idle, mirror(busy))) == [("pause", "sentiment", "development", 0, "scaled to zero"),
+                                             ("remove", "sentiment", "development", 1, "scaled down")]
+
+
+def test_the_standby_mode_is_not_part_of_the_spec_hash() -> None:
+    _, stopped = desired_of(base_repo(), fixture_pool())
+    _, paused = desired_of(base_repo(**{"models/sentiment.yaml": PAUSED_SENTIMENT}), fixture_pool())
+    [a] = [r for r in stopped.replicas if r.model == "sentiment"]
+    [b] = [r for r in paused.replicas if r.model == "sentiment"]
+    assert a.spec_hash == b.spec_hash and (a.standby, b.standby) == ("stopped", "paused")
+
+
+# (standby mode wanted, the standby found: running, paused) -> the action on it
+STANDBY_SWITCHES = {
+    "paused-wanted-found-stopped-is-started-and-paused": ("paused", False, False,
+                                                          [("pause", "standby is paused (found stopped)")]),
+    "paused-wanted-found-paused-is-left": ("paused", False, True, []),
+    "paused-wanted-found-running-is-paused": ("paused", True, False, [("pause", "scaled to zero")]),
+    "stopped-wanted-found-paused-is-stopped": ("stopped", False, True, [("stop", "standby is stopped (found paused)")]),
+    "stopped-wanted-found-stopped-is-left": ("stopped", False, False, []),
+    "stopped-wanted-found-running-is-stopped": ("stopped", True, False, [("stop", "scaled to zero")]),
+}
+
+
+@pytest.mark.parametrize("case", list(STANDBY_SWITCHES))
+def test_switching_the_standby_mode_stops_or_pauses_the_container_in_place(case: str) -> None:
+    mode, running, paused, expected = STANDBY_SWITCHES[case]
+    files = base_repo(**{"models/sentiment.yaml": PAUSED_SENTIMENT if mode == "paused" else SENTIMENT})
+    _, desired = desired_of(files, fixture_pool())
+    [standby] = [r for r in desired.replicas if r.model == "sentiment"]
+    actual = [observed(r) for r in desired.replicas if r is not standby]
+    actual.append(observed(standby, running=running, paused=paused))
+    actions = diff(desired, actual)
+    assert [(a.op, a.reason) for a in actions] == expected
+    for action in actions:  # in place: the same container, never a replace
+        assert action.current is not None and action.current.container_id == actual[-1].container_id
+
+
 # --- what is never removed, and what is ---------------------------------------------------------
 
 

@@ -37,3 +37,56 @@ def test_the_status_mentions_autoscaling_only_for_serverless_deployments() -> No
     status = deployment_statuses(result, [row], [], {}, {}, 0.0)[("m", "production")]
     assert status.state == "success" and status.notes == []
     assert "autoscaling" not in status.message
+
+
+# --- a paused standby that never got ready (serverless.standby: paused) -------------------------
+
+PAUSED = ("environment: production\nserverless: {minReplicas: 0, standby: paused}\n"
+          "runtime: {type: custom, image: x:1, readinessProbe: {path: /ping}}")
+
+
+def _paused_plan(*, failed: bool, paused: bool) -> tuple[list[tuple[str, str]], list[str]]:
+    """(actions, held actions' ops) for the standby found stopped (or paused)."""
+    from modelfleet.state.actual import ObservedReplica
+    from modelfleet.state.inventory import InventoryRow
+    from modelfleet.state.outcome import failed_rollout_marker
+
+    files = tree(**{"environments.yaml": environment("production"), "models/m.yaml": custom_model("m", PAUSED)})
+    catalog = load_tree(files)
+    first = plan(PlanInputs(catalog=catalog, hosts=[host("h0")], revision="r", inventory=[]))
+    [replica] = first.desired.replicas
+    seen = ObservedReplica("h0", "id", "mf-m", "m", "production", 0, replica.spec_hash, "r", False, paused)
+    row = InventoryRow("h0", "mf-m", "id", "m", "production", 0, replica.spec_hash, "r", "active", False, "u", "p")
+    marker = {failed_rollout_marker("m", "production", replica.spec_hash): "not ready"} if failed else {}
+    result = plan(PlanInputs(catalog=catalog, hosts=[host("h0")], revision="r", observed=[seen], inventory=[row],
+                             failed_rollouts=marker))
+    return [(a.op, a.reason) for a in result.actions], [h.action.op for h in result.held]
+
+
+def test_a_stopped_standby_that_should_be_paused_is_paused_unless_that_version_failed_to_get_ready() -> None:
+    # (found paused, its version failed) -> (actions, held)
+    table = {
+        (False, False): ([("pause", "standby is paused (found stopped)")], []),
+        (False, True): ([], ["pause"]),  # left stopped: a stopped standby still serves
+        (True, False): ([], []),
+    }
+    for (paused, failed), expected in table.items():
+        assert _paused_plan(failed=failed, paused=paused) == expected, (paused, failed)
+
+
+def test_a_pause_that_did_not_get_ready_holds_its_version() -> None:
+    from modelfleet.state.actual import ObservedReplica
+    from modelfleet.state.outcome import failed_rollout_marker, failed_rollouts_after
+    from modelfleet.state.plan import Action, ActionOutcome
+
+    files = tree(**{"environments.yaml": environment("production"), "models/m.yaml": custom_model("m", PAUSED)})
+    [replica] = plan(PlanInputs(catalog=load_tree(files), hosts=[host("h0")], revision="r")).desired.replicas
+    seen = ObservedReplica("h0", "id", "mf-m", "m", "production", 0, replica.spec_hash, "r", False)
+    marker = failed_rollout_marker("m", "production", replica.spec_hash)
+    pause = Action("pause", "m", "production", "h0", 0, "standby is paused (found stopped)", replica, seen)
+    assert failed_rollouts_after({}, [ActionOutcome(pause, False, "not ready", failed_version=True)]) == {
+        marker: "not ready"}
+    # A Docker error is not the version's fault: retried.
+    assert failed_rollouts_after({}, [ActionOutcome(pause, False, "docker down")]) == {}
+    stop = Action("stop", "m", "production", "h0", 0, "scaled to zero", replica, seen)
+    assert failed_rollouts_after({}, [ActionOutcome(stop, False, "x", failed_version=True)]) == {}

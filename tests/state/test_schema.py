@@ -66,7 +66,7 @@ def test_schema_uses_the_yaml_names_forbids_unknown_keys_and_has_descriptions() 
     assert "readiness_probe" not in runtime["properties"]
     assert set(definitions["Serverless"]["properties"]) == {
         "minReplicas", "maxReplicas", "metric", "target", "scaleDownDelay", "scaleToZeroGrace", "stableWindow",
-        "panicWindow", "panicThreshold", "queue", "activationTimeout"}
+        "panicWindow", "panicThreshold", "queue", "activationTimeout", "standby"}
     assert set(definitions["Overflow"]["properties"]) == {
         "endpoint", "tokenFile", "healthCheck", "outlierDetection", "maxConcurrency", "percentage"}
     assert set(definitions["OverflowHealthCheck"]["properties"]) == {"path", "period", "timeout", "failureThreshold"}

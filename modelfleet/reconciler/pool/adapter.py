@@ -27,8 +27,9 @@ class ContainerInfo:
     id: str
     name: str
     labels: dict[str, str]
-    running: bool
+    running: bool  # the process runs and is not frozen
     ports: dict[int, int]  # container port -> published host port
+    paused: bool = False  # frozen (docker pause)
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,10 @@ class HostClient:
         for key, bindings in (data.get("NetworkSettings", {}).get("Ports") or {}).items():
             if bindings:
                 ports[int(key.split("/")[0])] = int(bindings[0]["HostPort"])
+        state = data["State"]
+        paused = bool(state.get("Paused"))  # Docker says Running for a paused container too
         return ContainerInfo(data["Id"], data["Name"].lstrip("/"), data["Config"].get("Labels") or {},
-                             bool(data["State"].get("Running")), ports)
+                             bool(state.get("Running")) and not paused, ports, paused)
 
     def find(self, name: str) -> ContainerInfo | None:
         client = self._docker()
@@ -192,6 +195,14 @@ class HostClient:
         with self._translate("stop container"):
             self._docker().api.stop(container_id, timeout=timeout)
 
+    def pause(self, container_id: str) -> None:
+        with self._translate("pause container"):
+            self._docker().api.pause(container_id)
+
+    def unpause(self, container_id: str) -> None:
+        with self._translate("unpause container"):
+            self._docker().api.unpause(container_id)
+
     def remove(self, container_id: str) -> None:
         # Already gone is fine: removal is idempotent.
         with self._translate("remove container"), contextlib.suppress(docker.errors.NotFound):
@@ -202,4 +213,4 @@ def _info(raw: dict[str, Any]) -> ContainerInfo:
     ports = {int(p["PrivatePort"]): int(p["PublicPort"]) for p in raw.get("Ports") or [] if p.get("PublicPort")}
     names = raw.get("Names") or ["/"]
     return ContainerInfo(raw["Id"], names[0].lstrip("/"), raw.get("Labels") or {}, raw.get("State") == "running",
-                         ports)
+                         ports, raw.get("State") == "paused")

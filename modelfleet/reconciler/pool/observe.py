@@ -85,7 +85,7 @@ def observe(clients: Sequence[HostClient]) -> Observation:
             continue
         result.host_seconds[host] = round(seconds[host], 4)
         for info in listed:
-            replica = from_labels(host, info.id, info.name, info.labels, info.running)
+            replica = from_labels(host, info.id, info.name, info.labels, info.running, info.paused)
             if replica is not None:
                 result.replicas.append(replica)
                 result.containers[(host, info.id)] = info

@@ -1,4 +1,4 @@
-"""Apply a plan to the pool: create, blue-green replace, start, stop, remove.
+"""Apply a plan to the pool: create, blue-green replace, start, stop, pause, remove.
 
 Actions of one deployment run in plan order, one at a time (a rolling blue-green); deployments run
 in parallel. Every step is written to the store *before* it happens on a host (write-ahead), so a
@@ -26,7 +26,7 @@ from modelfleet.reconciler.errors import (
 from modelfleet.reconciler.pool.adapter import ContainerInfo, ContainerSpec, HostClient
 from modelfleet.reconciler.rollout.readiness import ReadinessProber
 from modelfleet.state.actual import LABEL_REVISION, ObservedReplica, container_name, labels_for
-from modelfleet.state.desired import DesiredReplica
+from modelfleet.state.desired import STANDBY_PAUSED, DesiredReplica
 from modelfleet.state.plan import Action, ActionOutcome
 from modelfleet.state.pool import Host
 
@@ -127,7 +127,7 @@ class Applier:
                                             action.replica, container)
         try:
             handler = {"create": self._create, "replace": self._replace, "remove": self._remove,
-                       "start": self._start, "stop": self._stop}[action.op]
+                       "start": self._start, "stop": self._stop, "pause": self._pause}[action.op]
             handler(action)
         except ModelfleetError as exc:
             self.store.finish_action(action_id, "failed", str(exc))
@@ -175,7 +175,10 @@ class Applier:
     def _start(self, action: Action) -> None:
         assert action.desired is not None and action.current is not None
         client = self.clients[action.current.host]
-        client.start(action.current.container_id)
+        if action.current.paused:
+            client.unpause(action.current.container_id)  # loaded already: ready as soon as it is thawed
+        else:
+            client.start(action.current.container_id)
         info = client.inspect(action.current.container_id)
         self._await_ready(action.desired, client, info)
 
@@ -183,19 +186,36 @@ class Applier:
         assert action.current is not None
         current = action.current
         self.store.set_ready(current.host, current.name, False)
-        self._drain(self._publish())
-        self.clients[current.host].stop(current.container_id)
+        if current.running:
+            self._drain(self._publish())
+        self.clients[current.host].stop(current.container_id)  # a paused one too (Docker thaws it to stop it)
+
+    def _pause(self, action: Action) -> None:
+        """A standby kept paused (serverless.standby: paused): a running replica leaves the routes,
+        drains and is frozen; a stopped one is started, waited for until ready (loaded, warmed up;
+        never routed) and frozen. One that does not get ready is stopped again (a stopped standby)."""
+        assert action.desired is not None and action.current is not None
+        current = action.current
+        client = self.clients[current.host]
+        if current.running:
+            self.store.set_ready(current.host, current.name, False)
+            self._drain(self._publish())
+        else:
+            client.start(current.container_id)
+            self._warm_standby(action.desired, client, client.inspect(current.container_id))
+        client.pause(current.container_id)
 
     # --- steps ----------------------------------------------------------------------------------
 
     def _bring_up(self, want: DesiredReplica) -> None:
         client = self.clients[want.host]
         name = container_name(want.model, want.environment, want.index, want.spec_hash)
+        paused = not want.running and want.standby == STANDBY_PAUSED
         spec = self._container_spec(client, want, name)
         self.store.record_intent(want.host, name, want.model, want.environment, want.index, want.spec_hash,
                                  want.revision)
         try:
-            info = client.create_and_start(spec, start=want.running)
+            info = client.create_and_start(spec, start=want.running or paused)
         except DockerOperationError as exc:
             if "Conflict" not in str(exc) and "already in use" not in str(exc):
                 raise
@@ -207,16 +227,39 @@ class Applier:
                     raise TerminalError(f"a container named {name} that modelfleet did not create for this replica"
                                         f" already exists on host {want.host}; rename or remove it") from None
                 client.remove(stale.id)
-            info = client.create_and_start(spec, start=want.running)
+            info = client.create_and_start(spec, start=want.running or paused)
         url = self._url(want.host, info, want.runtime.port)
         probe = want.runtime.probe
         probe_url = self._url(want.host, info, probe.port) + probe.path if url else None
         self.store.record_created(want.host, name, info.id, url, probe_url)
-        if not want.running:
-            return  # a serverless standby: created (image and model in place), not running
-        self._await_ready(want, client, info)
+        if want.running:
+            self._await_ready(want, client, info)
+        elif paused:  # a paused standby: loaded, warmed up, never routed, then frozen
+            self._warm_standby(want, client, info, fail=self._fail)
+            client.pause(info.id)
+        # else a stopped standby: created (image and model in place), not running
+
+    def _warm_standby(self, want: DesiredReplica, client: HostClient, info: ContainerInfo,
+                      fail: Callable[[HostClient, DesiredReplica, ContainerInfo, str], None] | None = None) -> None:
+        """Wait until a standby answers its probe, without routing it. ``fail``: what a standby that
+        does not get ready becomes (default: stopped again, NotReady raised)."""
+        self._probe_until_ready(want, client, info, fail or self._stop_unready)
+
+    def _stop_unready(self, client: HostClient, want: DesiredReplica, info: ContainerInfo, why: str) -> None:
+        logs = client.logs_tail(info.id)
+        client.stop(info.id)
+        detail = f"; last log lines: {logs}" if logs else ""
+        raise NotReady(f"standby replica {want.index} of {want.model}/{want.environment} on {want.host} {why}: "
+                       f"not paused, left stopped (a request starts it){detail}")
 
     def _await_ready(self, want: DesiredReplica, client: HostClient, info: ContainerInfo) -> None:
+        url = self._url(want.host, info, want.runtime.port)
+        self._probe_until_ready(want, client, info, self._fail)
+        self.store.set_ready(want.host, info.name, True, url)
+        self._publish()
+
+    def _probe_until_ready(self, want: DesiredReplica, client: HostClient, info: ContainerInfo,
+                           fail: Callable[[HostClient, DesiredReplica, ContainerInfo, str], None]) -> None:
         url = self._url(want.host, info, want.runtime.port)
         probe = want.runtime.probe
         probe_url = self._url(want.host, info, probe.port) + probe.path if url else None
@@ -242,18 +285,16 @@ class Applier:
             else:
                 healthy_since = None
             if attempts % 10 == 0 and not client.inspect(info.id).running:
-                self._fail(client, want, info, "the container exited")
+                fail(client, want, info, "the container exited")
             if self.stop_event.is_set():
                 # Not a failure of the version: the next daemon probes it (readiness checks of the plan).
                 raise Interrupted(f"shutting down while replica {want.index} of {want.model}/{want.environment}"
                                   f" on {want.host} was getting ready")
             if now >= deadline:
-                self._fail(client, want, info, why_late)
+                fail(client, want, info, why_late)
             # Probe often while a replica comes up (a refused connection costs nothing): a held
             # request waits for exactly this. Never more often than every 20 ms, never less than 0.1 s.
             time.sleep(min(probe.period, 0.1, 0.02 * attempts))
-        self.store.set_ready(want.host, info.name, True, url)
-        self._publish()
 
     def _fail(self, client: HostClient, want: DesiredReplica, info: ContainerInfo, why: str) -> None:
         """The new version failed: with rollout.autoRevert it is removed, otherwise (Nomad's semantics)

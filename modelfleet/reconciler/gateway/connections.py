@@ -114,6 +114,11 @@ class UpstreamResponse:
     def error(self) -> UpstreamError | None:
         return self._error
 
+    @property
+    def readable(self) -> bool:
+        """:meth:`read` would not wait."""
+        return bool(self._chunks) or self.complete or self._error is not None
+
     async def wait_head(self) -> None:
         while not self.head_received:
             if self._error is not None:

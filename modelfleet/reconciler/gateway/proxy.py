@@ -78,6 +78,9 @@ _REQUEST_DROP = _HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-proto", b"x-for
                                b"content-length", b"x-request-id", _SECRET_HEADER}
 _REQUEST_ID = b"x-request-id"
 _RESPONSE_DROP = _HOP_BY_HOP
+# An empty body message: the gateway's server writes a response head with the first body message
+# (one write for most responses), or at this one.
+_FLUSH = {"type": "http.response.body", "body": b"", "more_body": True}
 
 
 class _ClientGone(Exception):
@@ -456,6 +459,8 @@ async def _relay(send: Send, response: UpstreamResponse, exchange: _Exchange,
     if not has_id and exchange.request_id is not None:  # the client learns the id its request is logged under
         headers.append((_REQUEST_ID, exchange.request_id.encode()))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    if not response.readable:  # the backend sent its head alone: the client gets it now, not with the body
+        await send(_FLUSH)
     while True:
         chunk, last = await response.read()
         exchange.sent += len(chunk)

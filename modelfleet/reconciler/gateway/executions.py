@@ -9,7 +9,8 @@ into:
   the fields of :class:`modelfleet.state.executions.Execution` are keys of the JSON object);
 - the per-version and per-location metrics (``GatewayMetrics.execution``);
 - a batch for the daemon (``POST /api/v1/executions``), when the gateway has a control plane.
-  While the daemon does not answer, at most ``MAX_PENDING`` records wait; older ones are dropped
+  While the daemon does not answer, batches are tried less often (up to every ``MAX_SHIP_DELAY``)
+  and at most ``MAX_PENDING`` records wait; older ones are dropped
   and counted (the next batch says how many).
 """
 
@@ -39,6 +40,7 @@ execution_log = logging.getLogger(EXECUTIONS_LOGGER)
 
 EXECUTIONS_PATH = "/api/v1/executions"
 FLUSH_INTERVAL = 0.5
+MAX_SHIP_DELAY = 10.0  # after failed batches, the next try waits up to this long (records are kept)
 MAX_PENDING = 20000  # records kept for the daemon while it does not answer
 WARN_EVERY = 60.0
 
@@ -78,6 +80,7 @@ class ExecutionRecorder:
         self.shipped = 0
         self.failures = 0
         self._last_warning: float | None = None
+        self._next_ship = 0.0  # loop time before which no batch is tried (after failures)
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -130,7 +133,10 @@ class ExecutionRecorder:
             await asyncio.sleep(self.flush_interval)
             try:
                 await loop.run_in_executor(self._executor, self.flush)
-                await self.ship()
+                if loop.time() >= self._next_ship and not await self.ship():
+                    # The daemon is away: try again later, not every flush (each try encodes a batch).
+                    delay = min(self.flush_interval * 2 ** min(self.failures, 10), MAX_SHIP_DELAY)
+                    self._next_ship = loop.time() + delay
             except Exception:  # never fatal: serving goes on
                 log.exception("execution records could not be flushed")
 

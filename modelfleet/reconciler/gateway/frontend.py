@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import http
 import json
 import logging
@@ -58,6 +59,9 @@ _CLOSE = b"connection: close\r\n"
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _DISCONNECT = {"type": "http.disconnect"}
+# scope["extensions"][DISCONNECT_EXTENSION](callback): ``callback()`` is called if the client goes
+# away before the response is complete (what the proxy needs without a task waiting on receive()).
+DISCONNECT_EXTENSION = "modelfleet.disconnect"
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 
 
@@ -76,8 +80,8 @@ class _Request:
     """One request: its ASGI scope, the body parsed so far, and the state of its response."""
 
     __slots__ = ("body", "body_done", "body_size", "chunked", "conn", "delivered", "disconnected", "expect", "head",
-                 "head_request", "keep_alive", "length", "remaining", "response_complete", "response_started", "scope",
-                 "task", "waiter")
+                 "head_request", "keep_alive", "length", "on_gone", "remaining", "response_complete",
+                 "response_started", "scope", "task", "waiter")
 
     def __init__(self, conn: ClientConnection, scope: dict[str, Any], keep_alive: bool, expect: bool) -> None:
         self.conn = conn
@@ -85,6 +89,7 @@ class _Request:
         self.keep_alive = keep_alive
         self.expect = expect  # Expect: 100-continue, not answered yet
         self.task: asyncio.Task[None] | None = None
+        self.on_gone: Callable[[], None] | None = None
         self.head_request = scope["method"] == "HEAD"
         self.body: list[bytes] = []
         self.body_size = 0
@@ -98,6 +103,18 @@ class _Request:
         self.chunked = False
         self.length: int | None = None  # the response's Content-Length
         self.remaining = 0
+
+    def notify_disconnect(self, callback: Callable[[], None]) -> None:
+        """``callback()`` when the client goes away before the response is complete (the extension)."""
+        self.on_gone = callback
+
+    def gone(self) -> None:
+        """The client went away."""
+        self.disconnected = True
+        self.wake()
+        callback, self.on_gone = self.on_gone, None
+        if callback is not None and not self.response_complete:
+            callback()
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -314,12 +331,13 @@ class ClientConnection(asyncio.Protocol):
         path = raw_path.decode("latin-1")
         if "%" in path:
             path = unquote(path)
-        scope = {
+        scope: dict[str, Any] = {
             "type": "http", "asgi": _ASGI, "http_version": parser.get_http_version(), "server": self.local,
             "client": self.client, "scheme": "http", "method": parser.get_method().decode("latin-1"),
             "root_path": "", "path": path, "raw_path": raw_path, "query_string": query, "headers": self._headers,
         }
         request = _Request(self, scope, parser.should_keep_alive(), self._expect)
+        scope["extensions"] = {DISCONNECT_EXTENSION: request.notify_disconnect}
         self.parsing = request
         if self.current is None:
             self._run(request)
@@ -410,8 +428,7 @@ class ClientConnection(asyncio.Protocol):
         error = _json_error(400, "BadRequest", message)
         if self.parsing is not None and self.parsing is self.current:
             # Its head was valid, its body is not: the app sees the client go away.
-            self.parsing.disconnected = True
-            self.parsing.wake()
+            self.parsing.gone()
         self.parsing = None
         if self.current is None or self.current.disconnected:
             self.write(error)
@@ -427,8 +444,7 @@ class ClientConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         for request in (self.current, *self.pending):
             if request is not None:
-                request.disconnected = True
-                request.wake()
+                request.gone()
         self.pending.clear()
         self._wake_drain()
         if self.transport is not None:
@@ -554,6 +570,11 @@ class HttpServer:
                 server = await self._loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=2048)
                 self._servers.append(server)
             self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+            # What was made at start (modules, settings, the route table) lives as long as the process:
+            # out of the collector's sight, the full collections that would stall requests for
+            # milliseconds walking it are gone.
+            gc.collect()
+            gc.freeze()
             self.started = True
             await self._stop.wait()
         finally:
@@ -642,4 +663,4 @@ def uvloop_in_use(loop: asyncio.AbstractEventLoop) -> bool:
     return type(loop).__module__.startswith("uvloop")
 
 
-__all__ = ["KEEP_ALIVE", "ClientConnection", "HttpServer", "uvloop_in_use"]
+__all__ = ["DISCONNECT_EXTENSION", "KEEP_ALIVE", "ClientConnection", "HttpServer", "uvloop_in_use"]

@@ -42,6 +42,7 @@ from modelfleet.reconciler.gateway.balancer import Balancer
 from modelfleet.reconciler.gateway.connections import UpstreamError, UpstreamResponse
 from modelfleet.reconciler.gateway.executions import ExecutionRecorder
 from modelfleet.reconciler.gateway.follower import TableFeed
+from modelfleet.reconciler.gateway.frontend import DISCONNECT_EXTENSION
 from modelfleet.reconciler.gateway.load import KeyLoad, LoadMeter
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.overflow import FAILOVER, EndpointState, OverflowRouter
@@ -146,7 +147,7 @@ class Proxy:
         meter = self._meters.get(key)  # None unless the deployment is serverless
         if meter is not None:
             meter.arrive(started)
-        exchange = _Exchange()
+        exchange = _Exchange(scope)
         in_flight = self.metrics.in_flight_of(model, environment)
         in_flight.inc()
         status = 499  # nginx's "client closed request" when nothing else is known
@@ -181,7 +182,7 @@ class Proxy:
         state = self.overflow.state(key, settings)
         loop_now = asyncio.get_running_loop().time()
         reason = state.choose(loop_now)
-        exchange = _Exchange()
+        exchange = _Exchange(scope)
         status = 499
         meter: KeyLoad | None = None
         in_flight = self.metrics.in_flight_of(model, environment)
@@ -559,10 +560,10 @@ def forward_headers(scope: Scope, strip_authorization: bool
 class _Exchange:
     """Per-request state shared with the disconnect watcher."""
 
-    __slots__ = ("_timer", "backend", "client_gone", "cold_start", "finished", "overflow", "request_bytes",
-                 "request_id", "retried", "sent", "task", "watcher")
+    __slots__ = ("_notify", "_timer", "backend", "client_gone", "cold_start", "finished", "overflow",
+                 "request_bytes", "request_id", "retried", "sent", "task", "watcher")
 
-    def __init__(self) -> None:
+    def __init__(self, scope: Scope) -> None:
         # What the execution record says (gateway/executions.py).
         self.request_id: str | None = None
         self.backend: Backend | None = None
@@ -576,6 +577,11 @@ class _Exchange:
         self.client_gone = False
         self.watcher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # The gateway's own server tells when the client goes away (gateway/frontend.py); under
+        # another ASGI server, a watcher task waits for http.disconnect.
+        extensions = scope.get("extensions")
+        self._notify: Callable[[Callable[[], None]], None] | None = (
+            extensions.get(DISCONNECT_EXTENSION) if extensions else None)
 
     def watch(self, receive: Receive) -> None:
         """Cancel the request's task if the client goes away (call once the request body is read).
@@ -583,8 +589,16 @@ class _Exchange:
         Most requests are over in a few milliseconds: the watcher task only starts after
         WATCH_DELAY, which keeps its cost off the fast path.
         """
-        if self.watcher is None and self._timer is None and self.task is not None:
+        if self._notify is not None:
+            notify, self._notify = self._notify, None
+            notify(self._client_went_away)
+        elif self.watcher is None and self._timer is None and self.task is not None:
             self._timer = asyncio.get_running_loop().call_later(WATCH_DELAY, self._start_watch, receive)
+
+    def _client_went_away(self) -> None:
+        if not self.finished and self.task is not None:
+            self.client_gone = True
+            self.task.cancel()
 
     def _start_watch(self, receive: Receive) -> None:
         self._timer = None
@@ -595,9 +609,7 @@ class _Exchange:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                if not self.finished and self.task is not None:
-                    self.client_gone = True
-                    self.task.cancel()
+                self._client_went_away()
                 return
 
     def close(self) -> None:

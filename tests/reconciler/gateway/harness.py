@@ -129,7 +129,8 @@ class GatewayUnderTest:
     def __init__(self, state_dir: Path, token: str | None = None, parser: str = PARSER, **options: Any) -> None:
         self.state_dir = state_dir
         self.store = RouteStore(state_dir)  # what the daemon does
-        self.app = Gateway(state_dir, token=token, read_timeout=10, parser=parser, **options)
+        options.setdefault("read_timeout", 10)
+        self.app = Gateway(state_dir, token=token, parser=parser, **options)
         self.thread = ServerThread(build_server(self.app, graceful_shutdown=2, loop=LOOP_IMPL))
         self.url = self.thread.url
         self.client = httpx.Client(base_url=self.url, timeout=10)

@@ -115,6 +115,7 @@ class ExecutionRecorder:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.metrics.sync()  # what the hot path counted last, before the process ends
         if self._executor is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self.flush)
             self._executor.shutdown(wait=True)
@@ -132,6 +133,7 @@ class ExecutionRecorder:
         while True:
             await asyncio.sleep(self.flush_interval)
             try:
+                self.metrics.sync()  # the hot path's request counts, to prometheus_client
                 await loop.run_in_executor(self._executor, self.flush)
                 if loop.time() >= self._next_ship and not await self.ship():
                     # The daemon is away: try again later, not every flush (each try encodes a batch).
@@ -168,6 +170,7 @@ class ExecutionRecorder:
                 lines.append((describe(record), record))
             else:
                 execution_log.info(describe(record), extra={"mf_fields": record})
+        self.metrics.apply_executions()
         if batch_handler is not None and lines:
             batch_handler.emit_batch(lines)
         if self.url is not None:

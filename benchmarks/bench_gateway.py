@@ -1,7 +1,7 @@
 """Gateway overhead benchmark: nginx as the baseline, in the same run, at 1 and N workers.
 
     .venv/bin/python benchmarks/bench_gateway.py [--duration 10] [--connections 32] [--light 1] [--rounds 1]
-        [--backend-delay-ms 5] [--workers 1 2]
+        [--backend-delay-ms 5] [--workers 1 2] [--pure-python]
 
 Separate processes on loopback only: a backend (an uvicorn ASGI app answering a small JSON document,
 after ``--backend-delay-ms``), nginx (Debian ``nginx-light``) as a reverse proxy with a keep-alive
@@ -63,8 +63,8 @@ BACKEND_CODE = textwrap.dedent('''
 
 GATEWAY_CODE = textwrap.dedent('''
     import logging, sys
-    if sys.argv[2] == "pure":  # as installed without uvicorn[standard]: asyncio loop, h11 parsing
-        sys.modules["uvloop"] = sys.modules["httptools"] = None
+    if sys.argv[2] == "pure":  # asyncio's own loop instead of uvloop (httptools parses requests either way)
+        sys.modules["uvloop"] = None
     logging.basicConfig(level=logging.WARNING)
     from modelfleet.reconciler.config import load_config
     from modelfleet.reconciler.gateway.server import run_gateway
@@ -228,7 +228,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=None,
                         help="gateway (and nginx) worker counts to measure (default: 1 and the number of cores)")
     parser.add_argument("--pure-python", action="store_true",
-                        help="run the gateway without uvloop and httptools even when they are installed")
+                        help="run the gateway on asyncio's loop instead of uvloop (1 worker)")
     args = parser.parse_args()
     tool = args.loadgen if args.loadgen != "auto" else ("wrk" if shutil.which("wrk") else "httpx")
     if tool == "wrk" and not shutil.which("wrk"):
@@ -291,7 +291,7 @@ def main() -> int:
 
     print(f"\nGateway benchmark: {args.method} small JSON, {args.duration:g}s per run, load generator {tool}, "
           f"backend delay {args.backend_delay_ms:g} ms, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"gateway {'pure Python (asyncio, h11)' if args.pure_python else _stack()}, "
+          f"gateway {'asyncio loop' if args.pure_python else _stack()}, "
           f"{args.rounds} round(s), load average {load_before:.1f} before / {load_after:.1f} after")
     print(f"{'workers':>7}  {'scenario':<12}{'target':<9}{'conns':>6}{'req/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'errors':>8}")

@@ -5,9 +5,18 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
+
+
+class Server(Protocol):
+    """What a server thread runs: uvicorn's server, or the gateway's (gateway/frontend.py)."""
+
+    started: bool
+    should_exit: bool
+
+    def run(self, sockets: list[socket.socket]) -> None: ...
 
 
 def bound_socket() -> socket.socket:
@@ -20,13 +29,14 @@ def bound_socket() -> socket.socket:
 
 
 class ServerThread:
-    """An uvicorn server in a daemon thread on a pre-bound loopback socket (no race for the port).
+    """A server in a daemon thread on a pre-bound loopback socket (no race for the port).
 
-    ``ServerThread(server)`` serves a configured ``uvicorn.Server``; :meth:`for_app` configures one
-    for a plain ASGI app. :meth:`start` returns once the server accepts connections.
+    ``ServerThread(server)`` serves a configured ``uvicorn.Server`` (or the gateway's server);
+    :meth:`for_app` configures an uvicorn one for a plain ASGI app. :meth:`start` returns once the
+    server accepts connections.
     """
 
-    def __init__(self, server: uvicorn.Server) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.sock = bound_socket()
         self.port: int = self.sock.getsockname()[1]

@@ -45,13 +45,15 @@ class _ServedTable:
         self.follower: RouteFollower | None = None  # the API loop's own reader of routes.db, made when first asked
         self.version: int | None = None
         self.body = b""
-        # Location name -> continent of the pool's hosts: where a remote gateway's own location is.
-        self.locations = {h.location.name: h.location.continent for h in daemon.config.pool.hosts}
+        # Location name -> continent of the pool's hosts: where a remote gateway's own location is
+        # (read with the first table: an API without a daemon config never serves one).
+        self.locations: dict[str, str] = {}
 
     def latest(self) -> tuple[int, bytes] | None:
         """(version, JSON body) of the latest table; None before the first publish."""
         if self.follower is None:
             self.follower = RouteFollower(self.daemon.state_dir)
+            self.locations = {h.location.name: h.location.continent for h in self.daemon.config.pool.hosts}
         table = self.follower.poll()
         if table is not None:
             secrets = {}

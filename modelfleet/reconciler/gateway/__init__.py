@@ -2,7 +2,9 @@
 
 Modules, from the process down to the socket:
 
-- ``server``: process startup (settings, listening socket, uvicorn), ``run_gateway``, ``GatewayError``;
+- ``server``: process startup (settings, listening socket), ``run_gateway``, ``GatewayError``;
+- ``frontend``: the HTTP/1.1 server of the data-plane port (an asyncio protocol, httptools), which
+  hands each request to the app as ASGI;
 - ``app``: the ASGI app: lifecycle, which path goes where, the bearer token;
 - ``proxy``: one request forwarded to a backend and its response streamed back, retried once on a
   connection failure (blue-green switches);

@@ -63,10 +63,26 @@ class ConnectionOwner(Protocol):
 class UpstreamResponse:
     """A backend's response: status and headers, then the body with :meth:`read`."""
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_error", "_loop", "_timeout", "_timer", "_waiter",
-                 "complete", "head_received", "headers", "last_activity", "received", "status")
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_conn",
+        "_error",
+        "_loop",
+        "_timeout",
+        "_waiter",
+        "_waiting",
+        "complete",
+        "head_received",
+        "headers",
+        "last_activity",
+        "received",
+        "status",
+    )
 
-    def __init__(self, conn: UpstreamConnection, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    def __init__(self, conn: UpstreamConnection, loop: asyncio.AbstractEventLoop, timeout: float,
+                 waiting: set[UpstreamResponse]) -> None:
+        """``waiting``: the pool's responses in progress, whose timeouts it checks (:meth:`check_timeout`)."""
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
@@ -80,7 +96,8 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._timeout = timeout
         self.last_activity = loop.time()
-        self._timer: asyncio.TimerHandle | None = loop.call_at(self.last_activity + timeout, self._on_timer)
+        self._waiting = waiting
+        waiting.add(self)
 
     # fed by the connection
     def set_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -113,6 +130,11 @@ class UpstreamResponse:
     @property
     def error(self) -> UpstreamError | None:
         return self._error
+
+    @property
+    def readable(self) -> bool:
+        """:meth:`read` would not wait."""
+        return bool(self._chunks) or self.complete or self._error is not None
 
     async def wait_head(self) -> None:
         while not self.head_received:
@@ -155,21 +177,19 @@ class UpstreamResponse:
                 waiter.set_result(None)
 
     def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._waiting.discard(self)
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def check_timeout(self, now: float) -> None:
+        """Fail the response if the backend sent nothing for the read timeout (the pool calls it every
+        ``TIMEOUT_CHECK`` at most: no timer per request)."""
         conn = self._conn
         if self.complete or self._error is not None or conn is None:
+            self._stop_timer()
             return
-        now = self._loop.time()
-        deadline = self.last_activity + self._timeout
         if conn.reading_paused:  # waiting for our client, not for the backend
-            deadline = now + self._timeout
-        if now < deadline:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self.last_activity = now
+            return
+        if now - self.last_activity < self._timeout:
             return
         self.fail(UpstreamError(f"the backend sent nothing for {self._timeout:g}s", "timeout",
                                 before_response=not self.received))

@@ -24,6 +24,8 @@ DEFAULT_READ_TIMEOUT = 300.0
 # default is 5 s), so that the gateway rarely reuses a connection that the backend is closing.
 BACKEND_KEEPALIVE_EXPIRY = 4.0
 MAX_IDLE_PER_BACKEND = 256
+# How often responses in progress are checked against the read timeout (a tenth of it when shorter).
+TIMEOUT_CHECK = 1.0
 
 
 class UpstreamPool:
@@ -45,6 +47,9 @@ class UpstreamPool:
         self._idle: dict[str, list[UpstreamConnection]] = {}
         self._open: set[UpstreamConnection] = set()
         self._closing = False
+        self._waiting: set[UpstreamResponse] = set()  # responses in progress
+        self._check_every = min(TIMEOUT_CHECK, read_timeout / 10)
+        self._checker: asyncio.TimerHandle | None = None
 
     async def request(self, url: str, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                       body: bytes | AsyncIterator[bytes] | None, length: int | None = None) -> UpstreamResponse:
@@ -57,7 +62,9 @@ class UpstreamPool:
         if dest is None:
             dest = self._targets[url] = Target(url)
         conn = self._take_idle(dest) or await self._connect(dest)
-        response = UpstreamResponse(conn, self.loop, self.read_timeout)
+        response = UpstreamResponse(conn, self.loop, self.read_timeout, self._waiting)
+        if self._checker is None:
+            self._checker = self.loop.call_later(self._check_every, self._check_timeouts)
         conn.response = response
         conn.request_sent = False
         try:
@@ -120,6 +127,14 @@ class UpstreamPool:
             raise UpstreamError(f"cannot connect to {dest.key}: {exc.strerror or exc}", "connect", True) from None
         return conn
 
+    def _check_timeouts(self) -> None:
+        self._checker = None
+        now = self.loop.time()
+        for response in list(self._waiting):
+            response.check_timeout(now)
+        if self._waiting and not self._closing:
+            self._checker = self.loop.call_later(self._check_every, self._check_timeouts)
+
     # ConnectionOwner: called by the connections
     def release(self, conn: UpstreamConnection) -> None:
         conn.resume_reading()
@@ -160,6 +175,9 @@ class UpstreamPool:
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._checker is not None:
+            self._checker.cancel()
+            self._checker = None
         for conn in list(self._open):
             conn.close()
         self._idle.clear()

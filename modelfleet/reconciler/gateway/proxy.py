@@ -42,6 +42,7 @@ from modelfleet.reconciler.gateway.balancer import Balancer
 from modelfleet.reconciler.gateway.connections import UpstreamError, UpstreamResponse
 from modelfleet.reconciler.gateway.executions import ExecutionRecorder
 from modelfleet.reconciler.gateway.follower import TableFeed
+from modelfleet.reconciler.gateway.frontend import DISCONNECT_EXTENSION
 from modelfleet.reconciler.gateway.load import KeyLoad, LoadMeter
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.overflow import FAILOVER, EndpointState, OverflowRouter
@@ -83,6 +84,9 @@ _REQUEST_DROP = _HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-proto", b"x-for
 _REQUEST_ID = b"x-request-id"
 _CONTENT_TYPE = b"content-type"
 _RESPONSE_DROP = _HOP_BY_HOP
+# An empty body message: the gateway's server writes a response head with the first body message
+# (one write for most responses), or at this one.
+_FLUSH = {"type": "http.response.body", "body": b"", "more_body": True}
 
 
 class _ClientGone(Exception):
@@ -156,7 +160,7 @@ class Proxy:
         meter = self._meters.get(key)  # None unless the deployment is serverless
         if meter is not None:
             meter.arrive(started)
-        exchange = _Exchange()
+        exchange = _Exchange(scope)
         in_flight = self.metrics.in_flight_of(model, environment)
         in_flight.inc()
         status = 499  # nginx's "client closed request" when nothing else is known
@@ -214,7 +218,7 @@ class Proxy:
         state = self.overflow.state(key, settings)
         loop_now = asyncio.get_running_loop().time()
         reason = state.choose(loop_now)
-        exchange = _Exchange()
+        exchange = _Exchange(scope)
         status = 499
         meter: KeyLoad | None = None
         in_flight = self.metrics.in_flight_of(model, environment)
@@ -496,6 +500,8 @@ async def _relay(send: Send, response: UpstreamResponse, exchange: _Exchange,
         headers.append((_REQUEST_ID, exchange.request_id.encode()))
     exchange.response_tokens = tokens  # its usage is read once it is sent (token counts)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    if not response.readable:  # the backend sent its head alone: the client gets it now, not with the body
+        await send(_FLUSH)
     while True:
         chunk, last = await response.read()
         exchange.sent += len(chunk)
@@ -597,10 +603,10 @@ def forward_headers(scope: Scope, strip_authorization: bool
 class _Exchange:
     """Per-request state shared with the disconnect watcher."""
 
-    __slots__ = ("_timer", "backend", "client_gone", "cold_start", "finished", "finished_body", "overflow",
-                 "request_bytes", "request_id", "response_tokens", "retried", "sent", "task", "watcher")
+    __slots__ = ("_notify", "_timer", "backend", "client_gone", "cold_start", "finished", "finished_body",
+                 "overflow", "request_bytes", "request_id", "response_tokens", "retried", "sent", "task", "watcher")
 
-    def __init__(self) -> None:
+    def __init__(self, scope: Scope) -> None:
         # What the execution record says (gateway/executions.py).
         self.request_id: str | None = None
         self.backend: Backend | None = None
@@ -616,6 +622,11 @@ class _Exchange:
         self.client_gone = False
         self.watcher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # The gateway's own server tells when the client goes away (gateway/frontend.py); under
+        # another ASGI server, a watcher task waits for http.disconnect.
+        extensions = scope.get("extensions")
+        self._notify: Callable[[Callable[[], None]], None] | None = (
+            extensions.get(DISCONNECT_EXTENSION) if extensions else None)
 
     def watch(self, receive: Receive) -> None:
         """Cancel the request's task if the client goes away (call once the request body is read).
@@ -623,8 +634,16 @@ class _Exchange:
         Most requests are over in a few milliseconds: the watcher task only starts after
         WATCH_DELAY, which keeps its cost off the fast path.
         """
-        if self.watcher is None and self._timer is None and self.task is not None:
+        if self._notify is not None:
+            notify, self._notify = self._notify, None
+            notify(self._client_went_away)
+        elif self.watcher is None and self._timer is None and self.task is not None:
             self._timer = asyncio.get_running_loop().call_later(WATCH_DELAY, self._start_watch, receive)
+
+    def _client_went_away(self) -> None:
+        if not self.finished and self.task is not None:
+            self.client_gone = True
+            self.task.cancel()
 
     def _start_watch(self, receive: Receive) -> None:
         self._timer = None
@@ -635,9 +654,7 @@ class _Exchange:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                if not self.finished and self.task is not None:
-                    self.client_gone = True
-                    self.task.cancel()
+                self._client_went_away()
                 return
 
     def close(self) -> None:

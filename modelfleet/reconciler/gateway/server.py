@@ -6,9 +6,9 @@ it read when the daemon is away or the file is missing or unreadable. It reports
 daemon's API (``gateway.controlPlane``, default the local ``api.listen``; token ``gateway.controlPlaneTokenFile``,
 default ``api.tokenFile``), which is what activates and scales serverless deployments.
 
-Public API: :func:`create_gateway` (the ASGI app for a config), :func:`build_server` (an uvicorn
-server for it) and :func:`run_gateway` (serve until SIGINT/SIGTERM), which raises
-:class:`GatewayError` when the gateway cannot start.
+Public API: :func:`create_gateway` (the ASGI app for a config), :func:`build_server` (the
+gateway's own HTTP server for it, gateway/frontend.py) and :func:`run_gateway` (serve until
+SIGINT/SIGTERM), which raises :class:`GatewayError` when the gateway cannot start.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
-from typing import Any
-
-import uvicorn
 
 from modelfleet.reconciler.config import Config, local_url, parse_listen
 from modelfleet.reconciler.gateway.app import DEFAULT_POLL_INTERVAL, Gateway
+from modelfleet.reconciler.gateway.frontend import HttpServer
 from modelfleet.reconciler.gateway.pool import DEFAULT_READ_TIMEOUT
 from modelfleet.reconciler.gateway.workers import WorkerSupervisor, worker_index
 from modelfleet.reconciler.secrets import read_secret, redact_url
@@ -112,31 +109,13 @@ def create_gateway(config: Config, *, read_timeout: float | None = None,
                    continent=continent)
 
 
-class GatewayServer(uvicorn.Server):
-    """An uvicorn server that tells the gateway when it starts shutting down.
+def build_server(app: Gateway, *, graceful_shutdown: float = 30.0, loop: str = "auto") -> HttpServer:
+    """The gateway's HTTP server for ``app`` (on uvloop when installed, ``loop``: auto, uvloop, asyncio).
 
-    uvicorn sends the lifespan shutdown only after in-flight requests have finished (or the graceful
-    timeout has passed): requests held for activation are answered at the start instead.
+    At SIGINT/SIGTERM it stops accepting connections, answers held requests (503), lets requests in
+    flight finish for up to ``graceful_shutdown`` seconds, then stops the gateway.
     """
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        app = self.config.app
-        if isinstance(app, Gateway):
-            try:
-                app.begin_shutdown()
-            except Exception:
-                log.exception("gateway shutdown failed")
-        await super().shutdown(sockets)
-
-
-def build_server(app: Callable[..., Any], host: str, port: int, *, log_level: str = "info",
-                 graceful_shutdown: int = 30) -> uvicorn.Server:
-    """An uvicorn server for the gateway app (uvloop/httptools when installed)."""
-    config = uvicorn.Config(
-        app, host=host, port=port, lifespan="on", log_config=None, log_level=log_level, access_log=False,
-        server_header=False, date_header=False, ws="none", proxy_headers=False, timeout_keep_alive=75,
-        timeout_graceful_shutdown=graceful_shutdown)
-    return GatewayServer(config)
+    return HttpServer(app, graceful_shutdown=graceful_shutdown, loop_impl=loop)
 
 
 def gateway_workers(config: Config) -> int:
@@ -175,14 +154,18 @@ def run_gateway(config: Config, *, read_timeout: float | None = None) -> None:
              " (bearer token required)" if config.gateway.token_file else "")
     if app.reporter is not None:
         log.info("gateway %s reports demand to %s", app.reporter.gateway_id, redact_url(app.reporter.url))
-    server = build_server(app, host, port)
+    server = build_server(app)
     try:
         server.run(sockets=[sock])
+    except Exception:
+        if server.started:
+            raise
+        log.exception("the gateway failed to start")
     finally:
         sock.close()
     if not server.started:
         raise GatewayError("the gateway failed to start (see the log above)")
 
 
-__all__ = ["GatewayError", "GatewayServer", "bind_socket", "build_server", "create_gateway", "gateway_workers",
+__all__ = ["GatewayError", "bind_socket", "build_server", "create_gateway", "gateway_workers",
            "read_control_plane_token", "read_token", "run_gateway", "run_gateway_workers"]

@@ -1,4 +1,4 @@
-"""The gateway under test over real loopback HTTP: echo backends and the gateway as uvicorn servers in threads."""
+"""The gateway under test over real loopback HTTP: echo backends (uvicorn) and the gateway (its server) in threads."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from modelfleet.state.demand import DemandReply, DemandReport, WindowUsage
 from modelfleet.state.token_limits import TokenLimits
 from tests.http_server import ServerThread, bound_socket
 
-# GATEWAY_TEST_HTTP=h11 GATEWAY_TEST_LOOP=asyncio runs everything without httptools/uvloop.
+# GATEWAY_TEST_HTTP=h11 GATEWAY_TEST_LOOP=asyncio runs the backends without httptools/uvloop, and the
+# gateway on asyncio's loop (its own server always parses requests with httptools).
 # GATEWAY_TEST_PARSER=h11 makes the gateway parse backend responses with h11 instead of httptools.
 HTTP_IMPL = os.environ.get("GATEWAY_TEST_HTTP", "auto")
 LOOP_IMPL = os.environ.get("GATEWAY_TEST_LOOP", "auto")
@@ -155,8 +156,9 @@ class GatewayUnderTest:
     def __init__(self, state_dir: Path, token: str | None = None, parser: str = PARSER, **options: Any) -> None:
         self.state_dir = state_dir
         self.store = RouteStore(state_dir)  # what the daemon does
-        self.app = Gateway(state_dir, token=token, read_timeout=10, parser=parser, **options)
-        self.thread = serve(build_server(self.app, "127.0.0.1", 0, log_level="warning", graceful_shutdown=2))
+        options.setdefault("read_timeout", 10)
+        self.app = Gateway(state_dir, token=token, parser=parser, **options)
+        self.thread = ServerThread(build_server(self.app, graceful_shutdown=2, loop=LOOP_IMPL))
         self.url = self.thread.url
         self.client = httpx.Client(base_url=self.url, timeout=10)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -14,10 +15,10 @@ from starlette.applications import Starlette
 
 from modelfleet.reconciler.api.executions import execution_routes
 from modelfleet.reconciler.daemon.executions import ExecutionJournal
-from modelfleet.reconciler.gateway.executions import ExecutionRecorder
+from modelfleet.reconciler.gateway.executions import SLICE, ExecutionRecorder, encode_batch
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.routes import Activation, Backend
-from modelfleet.reconciler.logs import JsonFormatter
+from modelfleet.reconciler.logs import ExecutionHandler, JsonFormatter
 from tests.http_server import ServerThread, bound_socket
 from tests.reconciler.gateway.harness import InBackground, wait_for
 
@@ -166,3 +167,31 @@ def test_records_wait_for_an_unreachable_daemon_up_to_a_bound_and_say_how_many_w
     recorder.flush()
     assert [r["request_id"] for r in recorder._pending] == ["id2", "id3", "id4"]  # the newest kept
     assert recorder.dropped == 2
+
+
+def test_a_batch_encoded_in_slices_is_the_same_json() -> None:
+    body = {"gateway": "g-w1", "location": None, "dropped": 3}
+    for count in (0, 1, SLICE - 1, SLICE, SLICE + 1, 3 * SLICE + 5):
+        executions = [{"request_id": f"r-{n}", "status": 200, "model": "m\u00e9", "cold_start": n % 2 == 0}
+                      for n in range(count)]
+        assert json.loads(encode_batch(body, executions)) == {**body, "executions": executions}
+        assert json.loads(encode_batch({}, executions)) == {"executions": executions}
+
+
+def test_a_flush_of_many_records_writes_every_line_in_order() -> None:
+    execution_logger = logging.getLogger("modelfleet.executions")
+    saved = (execution_logger.handlers[:], execution_logger.propagate, execution_logger.level)
+    stream = io.StringIO()
+    execution_logger.handlers = [ExecutionHandler(stream, as_json=False)]  # the batch handler of setup_logging
+    execution_logger.setLevel(logging.INFO)
+    try:
+        recorder = ExecutionRecorder(GatewayMetrics())
+        count = 2 * SLICE + 17  # written a slice at a time
+        for n in range(count):
+            recorder.record(f"id-{n}", "m", "production", 200, 0.001, 10, 20, None, False, False, False)
+        assert len(recorder.flush()) == count
+    finally:
+        execution_logger.handlers, execution_logger.propagate, _ = saved
+        execution_logger.setLevel(saved[2])
+    ids = re.findall(r"id=(id-\d+)", stream.getvalue())
+    assert ids == [f"id-{n}" for n in range(count)]

@@ -33,3 +33,13 @@ def test_odd_backend_answers(raw_backend: RawBackend, backends: Any, make_gatewa
     for _ in range(4):
         assert who(gw.client.get("/models/m/hangup")) == "b"
 
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_a_backend_silent_past_the_read_timeout_is_504(backends: Any, make_gateway: Any, parser: str) -> None:
+    app, a = backends("a")
+    gw = make_gateway({"m/production": (route(a),)}, parser=parser, read_timeout=0.3)
+    response = gw.client.get("/models/m/slow?ms=5000")  # it would answer after 5 s
+    assert response.status_code == 504 and response.json()["type"] == "GatewayTimeout"
+    assert app.cancelled.wait(5)  # the gateway dropped the connection: the backend saw it go
+    assert who(gw.client.get("/models/m/slow?ms=50")) == "a"  # answers within the timeout still pass

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,11 @@ def test_two_workers_share_the_port_and_their_metrics(tmp_path: Path, backends: 
                               r'([0-9.]+)', text)
             return float(match.group(1)) if match else 0.0
 
-        for _ in range(6):  # whichever worker answers /metrics shows the sum over both
+        # Each worker hands its request counts over every 0.5 s (GatewayMetrics.sync): within that,
+        # whichever worker answers /metrics shows the sum over both.
+        wait_for(lambda: total() == 40.0, "the sum over both workers", timeout=5)
+        time.sleep(0.6)
+        for _ in range(6):
             assert total() == 40.0
         check_metrics(httpx.get(f"{url}/metrics", timeout=5).text)  # the combined exposition is valid too
 

@@ -150,6 +150,8 @@ class GatewayMetrics:
         self._in_flight: dict[tuple[str, str], LiveCount] = {}
         # Counted on the hot path, handed to prometheus_client by sync() (on the event loop).
         self._request_counts: dict[tuple[str, str, int], int] = {}
+        # (model, environment, version, location, kind) -> tokens counted (gateway/tokens.py).
+        self._token_counts: dict[tuple[str, str, str, str, str], int] = {}
         self._latency_pending: dict[tuple[str, str], list[float]] = {}
         # The recorder thread's execution figures, handed over at the end of each batch.
         self._execution_pending: dict[tuple[str, str, str, str, int], list[float]] = {}
@@ -184,8 +186,20 @@ class GatewayMetrics:
             count = self._in_flight[key] = LiveCount(self.in_flight.labels(model, environment))
         return count
 
+    def count_tokens(self, model: str, environment: str, version: str, location: str, input: int,
+                     output: int) -> None:
+        """Tokens of one response (``version``: the spec hash of the replica that answered, or '')."""
+        counts = self._token_counts
+        for kind, value in (("input", input), ("output", output)):
+            if value:
+                key = (model, environment, version[:12], location, kind)
+                counts[key] = counts.get(key, 0) + value
+
     def sync(self) -> None:
         """Hand what the hot path counted to prometheus_client (call on the event loop)."""
+        tokens, self._token_counts = self._token_counts, {}
+        for labels, value in tokens.items():
+            self.tokens.labels(*labels).inc(value)
         counts, self._request_counts = self._request_counts, {}
         for key, count in counts.items():
             counter = self._requests.get(key)

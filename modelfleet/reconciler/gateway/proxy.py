@@ -47,7 +47,7 @@ from modelfleet.reconciler.gateway.load import KeyLoad, LoadMeter
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.overflow import FAILOVER, EndpointState, OverflowRouter
 from modelfleet.reconciler.gateway.pool import UpstreamPool
-from modelfleet.reconciler.gateway.responses import send_error
+from modelfleet.reconciler.gateway.responses import send_error, send_json
 from modelfleet.reconciler.gateway.routes import Activation, Backend, Overflow, route_key
 from modelfleet.reconciler.gateway.tokens import ResponseTokens, TokenLedger
 from modelfleet.reconciler.gateway.tokens import estimate as estimate_tokens
@@ -201,15 +201,12 @@ class Proxy:
     async def _token_limited(self, send: Send, model: str, environment: str, verdict: TokenVerdict,
                              started: float) -> None:
         """429 in OpenAI's shape: the deployment used up its token limits (its maxToken policies)."""
-        body = token_refusal_body(verdict)
-        await send({"type": "http.response.start", "status": 429, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(verdict.retry_after).encode())]})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        sent = await send_json(send, 429, token_refusal_body(verdict),
+                               [(b"retry-after", str(verdict.retry_after).encode())])
         seconds = time.perf_counter() - started
         self.metrics.token_limited.labels(model, environment).inc()
         self.metrics.observe(model, environment, 429, seconds)
-        self.executions.record(self.executions.ids.new(), model, environment, 429, seconds, 0, len(body), None,
+        self.executions.record(self.executions.ids.new(), model, environment, 429, seconds, 0, sent, None,
                                False, False, False)
 
     async def _handle_overflow(self, scope: Scope, receive: Receive, send: Send, model: str, environment: str,

@@ -149,7 +149,6 @@ class TokenLedger:
         self._from_daemon: dict[str, Usage] = {}  # route key -> every gateway's usage, as the daemon last said
         self._unreported: dict[str, dict[str, tuple[float, TokenCounts]]] = {}  # since the last report was built
         self._in_report: dict[str, dict[str, tuple[float, TokenCounts]]] = {}  # in the report on its way
-        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         # Called when a deployment with token limits counted tokens: the demand reporter sends them
         # (and learns every gateway's sums) soon, not at its next 2 s tick.
         self.on_limited_count: Callable[[], None] | None = None
@@ -164,17 +163,8 @@ class TokenLedger:
         before = self.counted.get(key, TokenCounts())
         self.counted[key] = before + counts
         self._unreported[key] = add_usage(self._unreported.get(key, {}), counts, now)
-        version = backend.spec_hash[:12] if backend is not None else ""
-        location = backend.location if backend is not None else ""
-        labels = (model, environment, version, location)
-        children = self._children.get(labels)
-        if children is None:
-            children = self._children[labels] = (self.metrics.tokens.labels(*labels, "input"),
-                                                 self.metrics.tokens.labels(*labels, "output"))
-        if counts.input:
-            children[0].inc(counts.input)
-        if counts.output:
-            children[1].inc(counts.output)
+        self.metrics.count_tokens(model, environment, backend.spec_hash if backend is not None else "",
+                                  backend.location if backend is not None else "", counts.input, counts.output)
 
     def verdict(self, key: str, limits: TokenLimits) -> TokenVerdict | None:
         now = self.clock()
@@ -205,7 +195,6 @@ class TokenLedger:
         self._in_report = {}
 
 
-def refusal_body(verdict: TokenVerdict) -> bytes:
+def refusal_body(verdict: TokenVerdict) -> dict[str, Any]:
     """OpenAI's error shape for a rate limit (the official clients raise RateLimitError on it)."""
-    return json.dumps({"error": {"message": verdict.message, "type": "tokens", "param": None,
-                                 "code": "rate_limit_exceeded"}}).encode()
+    return {"error": {"message": verdict.message, "type": "tokens", "param": None, "code": "rate_limit_exceeded"}}

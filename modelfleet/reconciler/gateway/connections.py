@@ -9,6 +9,7 @@ from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from modelfleet.reconciler.gateway.codecs import Codec, CodecFactory
+from modelfleet.reconciler.gateway.waiters import wake
 
 # Response bytes buffered for a slow client before the gateway stops reading from the backend.
 RESPONSE_BUFFER_HIGH = 512 * 1024
@@ -170,11 +171,8 @@ class UpstreamResponse:
             conn.abandon(self)
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._waiter = self._waiter, None
+        wake(waiter)
 
     def _stop_timer(self) -> None:
         self._waiting.discard(self)
@@ -322,8 +320,5 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     def _wake_drain(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None:
-            self._drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._drain_waiter = self._drain_waiter, None
+        wake(waiter)

@@ -44,6 +44,8 @@ from urllib.parse import unquote
 import httptools
 from starlette.types import ASGIApp
 
+from modelfleet.reconciler.gateway.waiters import wake
+
 log = logging.getLogger("modelfleet.gateway")
 
 
@@ -117,11 +119,8 @@ class _Request:
             callback()
 
     def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self.waiter = self.waiter, None
+        wake(waiter)
 
     async def receive(self) -> dict[str, Any]:
         conn = self.conn
@@ -463,11 +462,8 @@ class ClientConnection(asyncio.Protocol):
             await self._drain_waiter
 
     def _wake_drain(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None:
-            self._drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._drain_waiter = self._drain_waiter, None
+        wake(waiter)
 
     def _stop_reading(self) -> None:
         if not self.reading_paused and not self.closed and self.transport is not None:

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from modelfleet.state.artifacts import known_artifact
 from modelfleet.state.errors import ManifestError
 from modelfleet.state.loader import Catalog, DeploymentEntry, gc_paused
 from modelfleet.state.manifests import Deployment
@@ -171,15 +172,17 @@ def compute_desired(
     demand: Mapping[Key, int] | None = None,
     hf_commits: Mapping[tuple[str, str], str] | None = None,
     origin_facts: OriginFacts | None = None,
+    artifacts: Mapping[str, frozenset[str]] | None = None,
 ) -> DesiredState:
     """Pure: catalog + pool (+ where replicas run now, + serverless demand) → desired replicas.
 
     ``hf_commits``/``origin_facts``: what the shell learnt about HuggingFace origins (the commit a
     revision resolves to, the model's metadata, or why it could not be resolved).
+    ``artifacts``: the artifact ids each host holds (state/artifacts.py), for locality.
     """
     facts = origin_facts or OriginFacts(commits=dict(hf_commits or {}))
     with gc_paused():  # an allocation burst without cycles, like loading (see gc_paused)
-        return _compute_desired(catalog, hosts, revision, down_hosts, previous, demand, facts)
+        return _compute_desired(catalog, hosts, revision, down_hosts, previous, demand, facts, artifacts or {})
 
 
 def _compute_desired(
@@ -190,6 +193,7 @@ def _compute_desired(
     previous: Mapping[Key, Mapping[int, str]] | None,
     demand: Mapping[Key, int] | None,
     facts: OriginFacts,
+    artifacts: Mapping[str, frozenset[str]],
 ) -> DesiredState:
     states: dict[Key, DeploymentState] = {}
     requests: list[PlacementRequest] = []
@@ -202,6 +206,7 @@ def _compute_desired(
     specs: dict[Key, Deployment] = {}  # of the deployments to place
     # The eligible hosts as a tuple, per shared eligible list (by id: the states keep them alive).
     eligible_tuples: dict[int, tuple[str, ...]] = {}
+    holders = _holders(artifacts)
     for entry in catalog.deployments():
         state = _resolve(entry, catalog, hosts, down_hosts, facts, demand.get(entry.key, 0), eligibility,
                          policy_layers, len(previous.get(entry.key, ())) if previous else 0)
@@ -217,7 +222,9 @@ def _compute_desired(
         if eligible is None:
             eligible = eligible_tuples[id(state.eligible_hosts)] = tuple(state.eligible_hosts)
         requests.append(PlacementRequest(state.key, state.replicas, state.runtime.cpus,
-                                         state.runtime.memory, eligible))
+                                         state.runtime.memory, eligible,
+                                         warm=holders.get(known_artifact(state.origin) or "", frozenset()),
+                                         prefer_warm=entry.spec.serverless is not None))
     for name, model in catalog.models.items():
         if model.errors:
             for dep in model.deployments:
@@ -247,6 +254,15 @@ def _compute_desired(
     for state in states.values():
         errors.update(state.errors)
     return DesiredState(revision, replicas, states, frozen, catalog.complete, sorted(errors))
+
+
+def _holders(artifacts: Mapping[str, frozenset[str]]) -> dict[str, frozenset[str]]:
+    """host -> artifact ids, inverted: artifact id -> the hosts that hold it."""
+    holders: dict[str, set[str]] = {}
+    for host, held in artifacts.items():
+        for artifact in held:
+            holders.setdefault(artifact, set()).add(host)
+    return {artifact: frozenset(hosts) for artifact, hosts in holders.items()}
 
 
 def _active_replicas(spec: Deployment, demand: int) -> int:

@@ -5,7 +5,10 @@ Rules, in order:
    capacity stays there. These are reserved first, for every deployment, so that adding a
    deployment or a host never moves an existing replica.
 2. Capacity: CPUs and memory requested by the runtime must fit in what is left on the host.
-3. Spread: a new replica goes to the location with the fewest replicas of its deployment, then to
+3. Locality: a host that already holds the model's artifact (``warm``: no transfer before the
+   start) comes first for a serverless deployment, whose new replicas are cold starts on the
+   request path; for the others it breaks ties after spread.
+4. Spread: a new replica goes to the location with the fewest replicas of its deployment, then to
    the host with the fewest, then by rendezvous hash (deterministic, and only the replicas that
    must move do move).
 Unschedulable replicas are reported per deployment, never raised.
@@ -30,6 +33,8 @@ class PlacementRequest:
     cpus: float
     memory: int
     eligible: tuple[str, ...]  # host names that pass policies, flavors and health
+    warm: frozenset[str] = frozenset()  # hosts that hold the model's artifact already
+    prefer_warm: bool = False  # warm hosts before spread (serverless), not only as a tie-break
 
 
 @dataclass
@@ -101,6 +106,8 @@ def place(
             if not tied:
                 result.unschedulable[req.key] = _why_unschedulable(req, len(missing), free_cpus, free_memory)
                 break
+            if req.prefer_warm and req.warm:
+                tied = _warm_or_all(tied, req.warm)
             if per_location:
                 in_location = [per_location.get(location_of[h], 0) for h in tied]
                 fewest = min(in_location)
@@ -111,6 +118,8 @@ def place(
                     on_host = [per_host.get(h, 0) for h in tied]
                     fewest = min(on_host)
                     tied = [h for h, n in zip(tied, on_host, strict=True) if n == fewest]
+            if len(tied) > 1 and req.warm and not req.prefer_warm:
+                tied = _warm_or_all(tied, req.warm)
             best = tied[0] if len(tied) == 1 else _highest_score(req.key, index, tied, host_bytes)
             free_cpus[best] -= cpus
             free_memory[best] -= memory
@@ -124,6 +133,11 @@ def place(
 
 
 _EPSILON = 1e-9
+
+
+def _warm_or_all(hosts: list[str], warm: frozenset[str]) -> list[str]:
+    """The hosts that hold the artifact, or all of them when none does."""
+    return [h for h in hosts if h in warm] or hosts
 
 
 def _highest_score(key: Key, index: int, hosts: list[str], host_bytes: Mapping[str, bytes]) -> str:

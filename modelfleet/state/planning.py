@@ -78,6 +78,8 @@ class PlanInputs:
     # Failed readiness probes in a row of ready replicas: failure_key(host, container id) -> count (a store fact).
     probe_failures: Mapping[str, int] = field(default_factory=dict)
     origin_facts: OriginFacts | None = None
+    # The model artifacts each host holds: host -> artifact ids (state/artifacts.py), for locality.
+    artifacts: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # Replicas that should run, per serverless deployment, given as is (tests, offline planning);
     # with ``load`` the autoscaler decides them instead.
     demand: Mapping[Key, int] | None = None
@@ -273,12 +275,13 @@ def _desired(inputs: PlanInputs, actual: list[ObservedReplica], down: frozenset[
     previous = previous_placement(actual)
     key = None
     if memo is not None:
-        key = memo.key(inputs.catalog, list(inputs.hosts), inputs.revision, down, previous, demand, facts)
+        key = memo.key(inputs.catalog, list(inputs.hosts), inputs.revision, down, previous, demand, facts,
+                       inputs.artifacts)
         cached = memo.get(key)
         if cached is not None:
             return cached
     desired = compute_desired(inputs.catalog, inputs.hosts, inputs.revision, down_hosts=down, previous=previous,
-                              demand=demand, origin_facts=facts)
+                              demand=demand, origin_facts=facts, artifacts=inputs.artifacts)
     if memo is not None and key is not None:
         memo.put(key, desired)
     return desired
@@ -458,6 +461,7 @@ def make_plan(
     catalog: Catalog | None = None,
     origin_facts: OriginFacts | None = None,
     memo: DesiredMemo | None = None,
+    artifacts: Mapping[str, frozenset[str]] | None = None,
 ) -> PlanResult:
     """``catalog``: an already loaded catalog of the same files (the daemon caches it per commit);
     ``memo``: reuse the desired state of the last pass when none of its inputs changed."""
@@ -468,11 +472,11 @@ def make_plan(
     desired = None
     key = None
     if memo is not None:
-        key = memo.key(catalog, hosts, revision, down_hosts, previous, demand, facts)
+        key = memo.key(catalog, hosts, revision, down_hosts, previous, demand, facts, artifacts)
         desired = memo.get(key)
     if desired is None:
         desired = compute_desired(catalog, hosts, revision, down_hosts=down_hosts, previous=previous,
-                                  demand=demand, origin_facts=facts)
+                                  demand=demand, origin_facts=facts, artifacts=artifacts)
         if memo is not None and key is not None:
             memo.put(key, desired)
     return PlanResult(catalog, desired, diff(desired, actual, owned))
@@ -489,8 +493,9 @@ class DesiredMemo:
     @staticmethod
     def key(catalog: Catalog, hosts: list[Host], revision: str, down_hosts: frozenset[str],
             previous: Mapping[tuple[str, str], Mapping[int, str]], demand: Mapping[tuple[str, str], int] | None,
-            facts: OriginFacts) -> Hashable:
+            facts: OriginFacts, artifacts: Mapping[str, frozenset[str]] | None = None) -> Hashable:
         return (
+            frozenset((artifacts or {}).items()),
             id(catalog), revision, tuple(hosts), down_hosts,
             frozenset((k, frozenset(v.items())) for k, v in previous.items()),
             frozenset((demand or {}).items()),

@@ -31,6 +31,7 @@ from modelfleet.reconciler.artifacts.shipping import (
 )
 from modelfleet.reconciler.artifacts.store import ArtifactStore
 from modelfleet.reconciler.pool.adapter import HostClient
+from modelfleet.reconciler.pool.observe import observe
 from modelfleet.state.desired import DesiredReplica
 from modelfleet.state.pool import Capacity, Host, HostFlavor, HostLocation
 from tests.reconciler.artifacts.archives import build_mar
@@ -128,6 +129,9 @@ def test_ship_mar_once_per_host_and_verify_inside(hosts: list[TestHost], tmp_pat
     docker.close()
     assert labels == {"modelfleet.artifact": stored.ref, "modelfleet.managed": "true",
                       "modelfleet.artifact-kind": "mar"}
+    # What placement's locality sees: the host that holds it, and not the other one.
+    seen = observe([client, _client(hosts[1])]).artifacts
+    assert seen == {hosts[0].name: frozenset({stored.ref}), hosts[1].name: frozenset()}
 
     # Again, from this shipper and from a fresh one (no memory of the first): nothing is sent.
     before = _veth_tx(hosts[0])

@@ -19,9 +19,11 @@ import pytest
 from netns_hosts import TestHost
 
 from modelfleet.reconciler.images import build
+from modelfleet.state.placement import PlacementRequest, place
 from tests.integration.fleet import API, BASE_MANIFESTS, Fleet, make_fleet, running
 from tests.reconciler.artifacts.hub_standin import FAKE_COMMIT, HubStandin, minilm_repos
 from tests.runtimes import mar_builder
+from tests.state.helpers import host as pool_host
 
 pytest.importorskip("torch", reason="model tests need the runtime extras (pip install -e '.[dev]')")
 
@@ -117,6 +119,30 @@ def test_uploaded_mar_deploys_and_answers_like_the_model(model_fleet: Fleet, tmp
     # Unknown model name inside the runtime: TorchServe's error shape, through the gateway.
     missing = predict(model_fleet, "tiny", "nope", inputs)
     assert missing.status_code == 404 and missing.json()["type"] == "ModelNotFoundException"
+
+
+def test_a_serverless_standby_is_placed_where_its_model_is_already(model_fleet: Fleet, tmp_path: Path) -> None:
+    """Placement's locality on the real pool: a new serverless deployment of a .mar that another
+    deployment runs goes to that host (its volume is there: no transfer), not where the
+    rendezvous hash alone would put it."""
+    digest = upload(model_fleet, mar_builder.build_eager_mar(tmp_path / "v1", name="tiny", version="1.0"))
+    origin = {"file": {"sha256": digest}}
+    small = {"type": "torch", "resources": {"cpus": 0.5, "memory": "512Mi"}}  # both fit on one test host
+    model_fleet.push({"models/tiny.yaml": model("tiny", {"origin": origin, "runtime": small})})
+    [holder] = wait_model(model_fleet, "tiny")["hosts"]
+    eu = tuple(model_fleet.host_names[:2])
+
+    def cold_choice(name: str) -> str:
+        return place([PlacementRequest((name, "production"), 1, 0.0, 0, eu)],
+                     [pool_host(h) for h in eu]).assignments[(name, "production")][0]
+
+    name = next(n for n in (f"tiny-sl{i}" for i in range(64)) if cold_choice(n) != holder)
+    model_fleet.push({"models/sl.yaml": model(name, {"origin": origin, "runtime": small,
+                                                      "serverless": {"minReplicas": 0, "maxReplicas": 2}})})
+    model_fleet.wait(lambda: model_fleet.deployment(name).get("reason") == "ScaledToZero", 120, "standby")
+    standbys = [c for c in model_fleet.containers() if c["labels"]["modelfleet.model"] == name]
+    assert [c["host"] for c in standbys] == [holder], (standbys, model_fleet.log())
+    assert [t["host"] for t in model_fleet.status()["transfers"]] == [holder]  # shipped once, for "tiny"
 
 
 def test_bad_mar_is_rejected_and_nothing_running_changes(model_fleet: Fleet, tmp_path: Path) -> None:

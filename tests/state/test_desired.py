@@ -124,3 +124,21 @@ def test_reserved_capacity_sums_what_the_placement_reserves_per_host() -> None:
         assert cpus == pytest.approx(sum(r.runtime.cpus for r in placed))
         assert memory == sum(r.runtime.memory for r in placed)
     assert reserved_capacity(desired, [*hosts, host("empty")])["empty"] == (0.0, 0)
+
+
+def test_a_serverless_standby_is_placed_on_a_host_that_holds_its_model_already() -> None:
+    """The same .mar in two environments is one artifact per host: the new deployment's standby
+    goes where the model is (a start, not a transfer, on its first request)."""
+    digest = "ab" * 32
+    dep = (f"environment: production\norigin: {{file: {{sha256: 'sha256:{digest}'}}}}\n"
+           "serverless: {minReplicas: 0, maxReplicas: 2}\nruntime: {type: torch}")
+    files = tree(**{"env.yaml": environment("production"), "m.yaml": custom_model("m", dep)})
+    hosts = [host("a-1", location="paris-1"), host("b-1", location="lyon-1"), host("c-1", location="nice-1")]
+    _, cold = desired_of(files, hosts)
+    first = cold.replicas[0].host
+    for holder in sorted({"a-1", "b-1", "c-1"} - {first}):
+        _, warm = desired_of(files, hosts, artifacts={holder: frozenset({f"sha256:{digest}"}), first: frozenset()})
+        assert [r.host for r in warm.replicas] == [holder]
+    # Another artifact on a host is no reason to go there.
+    _, other = desired_of(files, hosts, artifacts={h.name: frozenset({"sha256:" + "cd" * 32}) for h in hosts})
+    assert [r.host for r in other.replicas] == [first]

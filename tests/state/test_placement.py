@@ -272,3 +272,48 @@ def test_a_host_too_small_for_one_replica_is_excluded_with_sizes() -> None:
     assert state.eligible_hosts == ["gpu-1"]
     assert state.excluded["par-2"] == "too small: needs 20 cpus / 1Gi, host has 16 cpus / 64Gi"
     assert set(state.excluded) | set(state.eligible_hosts) == {h.name for h in fixture_pool()}
+
+
+# --- locality: hosts that hold the model's artifact ---------------------------------------------
+
+
+def _warm(name: str, replicas: int, eligible: list[Host], warm: set[str], serverless: bool,
+          cpus: float = 1) -> PlacementRequest:
+    return PlacementRequest((name, "production"), replicas, cpus, GiB, tuple(h.name for h in eligible),
+                            warm=frozenset(warm), prefer_warm=serverless)
+
+
+def test_a_serverless_replica_goes_to_a_host_that_holds_its_artifact_before_spread() -> None:
+    hosts = PARIS + FRANKFURT
+    previous = {("m", "production"): {0: "par-1"}}
+    # Spread alone would put the second replica in frankfurt-1; par-3 has the model already.
+    result = place([_warm("m", 2, hosts, {"par-3"}, serverless=True)], hosts, previous)
+    assert result.assignments[("m", "production")] == {0: "par-1", 1: "par-3"}
+    cold = place([_warm("m", 2, hosts, set(), serverless=True)], hosts, previous)
+    assert cold.assignments[("m", "production")][1] in {"fra-1", "fra-2"}
+
+
+def test_an_always_on_replica_keeps_spread_first_and_uses_the_artifact_to_break_the_tie() -> None:
+    hosts = PARIS + FRANKFURT
+    previous = {("m", "production"): {0: "par-1"}}
+    result = place([_warm("m", 2, hosts, {"par-3", "fra-2"}, serverless=False)], hosts, previous)
+    assert result.assignments[("m", "production")][1] == "fra-2"  # frankfurt-1 (spread), then the warm one
+    # Whichever frankfurt host holds it: the artifact decided, not the rendezvous hash.
+    assert place([_warm("m", 2, hosts, {"fra-1"}, serverless=False)], hosts,
+                 previous).assignments[("m", "production")][1] == "fra-1"
+
+
+def test_a_warm_host_without_room_is_passed_over_for_one_with_room() -> None:
+    small, roomy = host("small", cpus=1), host("roomy", location="lyon-1", cpus=8)
+    previous = {("a", "production"): {0: "small"}}
+    result = place([request("a", 1, [small, roomy], cpus=1), _warm("m", 1, [small, roomy], {"small"}, True)],
+                   [small, roomy], previous)
+    assert result.assignments[("m", "production")] == {0: "roomy"}
+    assert ("m", "production") not in result.unschedulable
+
+
+def test_a_replica_that_runs_stays_where_it_is_even_when_another_host_holds_the_artifact() -> None:
+    hosts = PARIS + FRANKFURT
+    previous = {("m", "production"): {0: "fra-1"}}
+    result = place([_warm("m", 1, hosts, {"par-1"}, serverless=True)], hosts, previous)
+    assert result.assignments[("m", "production")] == {0: "fra-1"}

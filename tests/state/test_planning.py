@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from modelfleet.state.loader import load_tree
-from modelfleet.state.planning import PlanInputs, plan
+from modelfleet.state.planning import DesiredMemo, PlanInputs, plan
 from tests.state.helpers import custom_model, echo_deployment, environment, host, tree
 
 
@@ -90,3 +92,17 @@ def test_a_pause_that_did_not_get_ready_holds_its_version() -> None:
     assert failed_rollouts_after({}, [ActionOutcome(pause, False, "docker down")]) == {}
     stop = Action("stop", "m", "production", "h0", 0, "scaled to zero", replica, seen)
     assert failed_rollouts_after({}, [ActionOutcome(stop, False, "x", failed_version=True)]) == {}
+
+
+def test_the_plan_places_by_the_artifacts_it_is_given_even_with_a_remembered_desired_state() -> None:
+    digest = "ef" * 32
+    dep = (f"environment: production\norigin: {{file: {{sha256: '{digest}'}}}}\n"
+           "serverless: {minReplicas: 0, maxReplicas: 2}\nruntime: {type: torch}")
+    catalog = load_tree({"env.yaml": environment("production").encode(), "m.yaml": custom_model("m", dep).encode()})
+    hosts = [host("a-1", location="paris-1"), host("b-1", location="lyon-1")]
+    memo = DesiredMemo()
+    inputs = PlanInputs(catalog=catalog, hosts=hosts, revision="r", inventory=[])
+    [cold] = plan(inputs, memo).desired.replicas
+    other = ({"a-1", "b-1"} - {cold.host}).pop()
+    [warm] = plan(replace(inputs, artifacts={other: frozenset({f"sha256:{digest}"})}), memo).desired.replicas
+    assert warm.host == other  # a change of artifacts is a new input, not the memo's last answer

@@ -60,13 +60,14 @@ from modelfleet.reconciler.artifacts.store import ArtifactStore, normalize_diges
 from modelfleet.reconciler.errors import DockerOperationError, HostUnavailable, ImageMissing
 from modelfleet.reconciler.pool.adapter import HostClient
 from modelfleet.runtimes.contract import RuntimeEnvironment
+from modelfleet.state.artifacts import LABEL_ARTIFACT, UnresolvedArtifact
+from modelfleet.state.artifacts import artifact_id as state_artifact_id
 from modelfleet.state.desired import DesiredReplica
 from modelfleet.state.runtimes import MODEL_MOUNT
 
 log = logging.getLogger("modelfleet.artifacts.shipping")
 
 LABEL_MANAGED = "modelfleet.managed"
-LABEL_ARTIFACT = "modelfleet.artifact"
 LABEL_KIND = "modelfleet.artifact-kind"
 LABEL_HELPER = "modelfleet.artifact-helper"
 VOLUME_PREFIX = "mf-artifact-"
@@ -120,24 +121,11 @@ class ArtifactPlan:
 
 
 def artifact_id(origin: Mapping[str, Any]) -> str:
-    """The content id of a resolved origin: ``sha256:<hex>`` or ``hf:<org/name>@<commit>``."""
-    file = origin.get("file")
-    if isinstance(file, Mapping):
-        digest = file.get("sha256")
-        if not isinstance(digest, str):
-            raise InvalidOrigin("file origin without a sha256 (commit the .mar or upload it and use sha256)")
-        try:
-            return "sha256:" + normalize_digest(digest)
-        except ValueError as exc:
-            raise InvalidOrigin(str(exc)) from None
-    hf = origin.get("huggingface")
-    if isinstance(hf, Mapping):
-        commit = hf.get("commit")
-        model = hf.get("model")
-        if not isinstance(model, str) or not isinstance(commit, str) or len(commit) != 40:
-            raise InvalidOrigin(f"HuggingFace origin {model!r} has no resolved commit yet")
-        return f"hf:{model}@{commit}"
-    raise InvalidOrigin(f"unknown origin {dict(origin)!r}: expected file or huggingface")
+    """The content id of a resolved origin (state/artifacts.py); InvalidOrigin when it names none."""
+    try:
+        return state_artifact_id(origin)
+    except UnresolvedArtifact as exc:
+        raise InvalidOrigin(str(exc)) from None
 
 
 def volume_name(artifact: str) -> str:

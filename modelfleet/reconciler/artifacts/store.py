@@ -30,19 +30,12 @@ from typing import IO, Any
 
 from modelfleet.reconciler.artifacts.errors import ArtifactNotFound
 from modelfleet.reconciler.statedir import write_failure
+from modelfleet.state.artifacts import normalize_digest
 
-_DIGEST = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")  # an object's file name
 _TEMP_PREFIX = ".ingest-"
 CHUNK_SIZE = 1 << 20
 WHAT = "the artifact store"
-
-
-def normalize_digest(digest: str) -> str:
-    """``sha256:<hex>`` or ``<hex>`` → ``<hex>`` (64 lowercase hex digits); ValueError otherwise."""
-    match = _DIGEST.match(digest.strip()) if isinstance(digest, str) else None
-    if match is None:
-        raise ValueError(f"{digest!r} is not a sha256 digest (64 lowercase hex digits, optionally sha256:)")
-    return match.group(1)
 
 
 def reference(digest: str) -> str:

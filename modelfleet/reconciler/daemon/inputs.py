@@ -40,6 +40,7 @@ def gather_inputs(config: Config, catalog: Catalog, revision: str, observation: 
         failed_rollouts=store.fact(FACT_FAILED_ROLLOUTS, {}) if store is not None else {},
         probe_failures=store.fact(FACT_PROBE_FAILURES, {}) if store is not None else {},
         origin_facts=origin_facts,
+        artifacts=dict(observation.artifacts),
         now=now,
         down_after=config.docker.down_after,
         auto_revert=config.rollout.auto_revert,

@@ -19,6 +19,7 @@ import requests.exceptions
 
 from modelfleet.reconciler.errors import DockerOperationError, HostUnavailable, ImageMissing
 from modelfleet.state.actual import LABEL_MANAGED
+from modelfleet.state.artifacts import LABEL_ARTIFACT
 from modelfleet.state.pool import Host
 
 
@@ -109,6 +110,15 @@ class HostClient:
         with self._translate("list containers"):
             raw = client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=true"})
         return [_info(c) for c in raw]
+
+    def artifact_ids(self) -> frozenset[str]:
+        """The model artifacts this host holds: the ids its managed artifact volumes are labelled
+        with (state/artifacts.py), for placement's locality."""
+        client = self._docker()
+        with self._translate("list volumes"):
+            data = client.api.volumes(filters={"label": [LABEL_ARTIFACT, f"{LABEL_MANAGED}=true"]})
+        return frozenset(label for volume in data.get("Volumes") or []
+                         if (label := (volume.get("Labels") or {}).get(LABEL_ARTIFACT)))
 
     def image_present(self, image: str) -> bool:
         client = self._docker()

@@ -20,34 +20,51 @@ class Observation:
     errors: dict[str, str] = field(default_factory=dict)  # host -> why unreachable
     host_seconds: dict[str, float] = field(default_factory=dict)  # host -> how long its list took
     seconds: float = 0.0
+    # host -> the model artifacts it holds (absent: not known this pass, e.g. its volume list failed)
+    artifacts: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+# One host's answer: its containers (or why it could not list them), how long it took, and the
+# artifacts it holds (None: not known).
+_Listed = tuple[list[ContainerInfo] | str, float, frozenset[str] | None]
 
 
 def observe(clients: Sequence[HostClient]) -> Observation:
-    """One label-filtered list per host, in parallel. A host that has not answered within its
-    client's timeout (docker.timeout) counts as unreachable for this pass: the pass does not wait
-    for it (docker-py's timeout bounds each socket operation, not a whole call: a host that
-    trickles its answer, or needs a round trip for the API version first, could take several).
-    Its list goes on in the background; while it has not returned, later passes do not ask again."""
+    """One label-filtered list of containers, then of artifact volumes, per host, in parallel.
+    A host that has not answered within its client's timeout (docker.timeout) counts as unreachable
+    for this pass: the pass does not wait for it (docker-py's timeout bounds each socket operation,
+    not a whole call: a host that trickles its answer, or needs a round trip for the API version
+    first, could take several). Its list goes on in the background; while it has not returned,
+    later passes do not ask again."""
     started = time.monotonic()
     result = Observation()
     if not clients:
         return result
 
-    def one(client: HostClient) -> tuple[list[ContainerInfo] | str, float]:
+    def one(client: HostClient) -> _Listed:
         began = time.monotonic()
         try:
-            return client.list_managed(), time.monotonic() - began
+            listed = client.list_managed()
         except ModelfleetError as exc:
-            return str(exc), time.monotonic() - began
+            client.listing.release()
+            return str(exc), time.monotonic() - began, None
+        held: frozenset[str] | None = None
+        try:
+            # Only a preference (placement's locality): a host that lists its containers but not
+            # its volumes is up, its artifacts are just not known this pass.
+            held = client.artifact_ids()
+        except ModelfleetError:
+            pass
         finally:
             client.listing.release()
+        return listed, time.monotonic() - began, held
 
     down: set[str] = set()
     outcomes: dict[str, list[ContainerInfo] | str] = {}
     seconds: dict[str, float] = {}
     pool = ThreadPoolExecutor(max_workers=max(1, min(32, len(clients))), thread_name_prefix="observe")
     try:
-        futures: dict[Future[tuple[list[ContainerInfo] | str, float]], HostClient] = {}
+        futures: dict[Future[_Listed], HostClient] = {}
         for client in clients:
             if not client.listing.acquire(blocking=False):
                 outcomes[client.name] = str(HostUnavailable(
@@ -66,7 +83,9 @@ def observe(clients: Sequence[HostClient]) -> Observation:
                                  return_when=FIRST_COMPLETED)
             for future in done:
                 name = futures[future].name
-                outcomes[name], seconds[name] = future.result()
+                outcomes[name], seconds[name], held = future.result()
+                if held is not None:
+                    result.artifacts[name] = held
             if not done:
                 break
         for future in pending:

@@ -17,12 +17,19 @@ from modelfleet.state.pool import Host
 class FakeClient(HostClient):
     """A HostClient whose list answers from a function (no Docker)."""
 
-    def __init__(self, name: str, answer: object, timeout: float = 0.2) -> None:
+    def __init__(self, name: str, answer: object, timeout: float = 0.2,
+                 held: frozenset[str] | Exception = frozenset()) -> None:
         super().__init__(Host.model_validate({
             "name": name, "url": "tcp://127.0.0.1:1", "location": {"name": "x", "country": "FR", "continent": "EU"},
             "flavors": [{"name": "cpu", "type": "cpu"}], "capacity": {"cpus": 2, "memory": "2Gi"}}), timeout=timeout)
         self.answer = answer
+        self.held = held
         self.calls = 0
+
+    def artifact_ids(self) -> frozenset[str]:
+        if isinstance(self.held, Exception):
+            raise self.held
+        return self.held
 
     def list_managed(self) -> list[ContainerInfo]:
         self.calls += 1
@@ -78,3 +85,12 @@ def test_answers_and_errors_of_the_other_hosts_are_kept() -> None:
     assert observation.down_hosts == {"fra-1"}
     assert observation.errors == {"fra-1": "host fra-1 is unreachable: ConnectionError: refused"}
     assert set(observation.host_seconds) == {"par-0", "fra-1"}
+
+
+def test_the_artifacts_each_host_holds_are_observed_and_a_failed_volume_list_only_leaves_them_unknown() -> None:
+    warm = FakeClient("par-0", [], held=frozenset({"sha256:" + "a" * 64}))
+    odd = FakeClient("par-1", [], held=HostUnavailable("par-1", "volume list refused"))
+    down = FakeClient("fra-1", HostUnavailable("fra-1", "ConnectionError: refused"), held=frozenset({"x"}))
+    observation = observe([warm, odd, down])
+    assert observation.artifacts == {"par-0": frozenset({"sha256:" + "a" * 64})}
+    assert observation.down_hosts == {"fra-1"}  # par-1 listed its containers: it is up

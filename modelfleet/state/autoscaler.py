@@ -75,8 +75,7 @@ def decide(spec: Serverless, samples: Sequence[LoadSample], memory: ScalerMemory
     bottom = min(spec.min_replicas, top)
     watched = now - watching_since
 
-    stable_value = _average(samples, now, spec.stable_window, spec.metric)
-    panic_value = _average(samples, now, spec.panic_window, spec.metric)
+    stable_value, panic_value = _averages(samples, now, spec.stable_window, spec.panic_window, spec.metric)
     want_stable = _replicas(stable_value, spec.target)
     want_panic = _replicas(panic_value, spec.target)
     latest = samples[-1] if samples else None
@@ -191,9 +190,26 @@ def decide(spec: Serverless, samples: Sequence[LoadSample], memory: ScalerMemory
                             below_since=below_since))
 
 
-def _average(samples: Sequence[LoadSample], now: float, window: float, metric: str) -> float:
-    values = [s.rps if metric == "rps" else s.concurrency for s in samples if s.at > now - window]
-    return sum(values) / len(values) if values else 0.0
+def _averages(samples: Sequence[LoadSample], now: float, stable: float, panic: float,
+              metric: str) -> tuple[float, float]:
+    """The metric's mean over the stable and the panic window, in one walk over the samples
+    (most deployments of a pass have none: a serverless fleet is mostly idle)."""
+    if not samples:
+        return 0.0, 0.0
+    rps = metric == "rps"
+    stable_sum = panic_sum = 0.0
+    stable_n = panic_n = 0
+    stable_from, panic_from = now - stable, now - panic
+    for sample in samples:
+        if sample.at > stable_from or sample.at > panic_from:
+            value = sample.rps if rps else sample.concurrency
+            if sample.at > stable_from:
+                stable_sum += value
+                stable_n += 1
+            if sample.at > panic_from:
+                panic_sum += value
+                panic_n += 1
+    return (stable_sum / stable_n if stable_n else 0.0), (panic_sum / panic_n if panic_n else 0.0)
 
 
 def _replicas(value: float, target: float) -> int:

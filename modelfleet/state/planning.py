@@ -10,7 +10,7 @@ Every action the diff proposes but the pass will not take is in ``Plan.held``, w
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from modelfleet.state.actual import ObservedReplica
@@ -487,25 +487,27 @@ class DesiredMemo:
     pass (same commit, pool, placement, demand, origins) its result can be reused as is."""
 
     def __init__(self) -> None:
-        self._key: Hashable | None = None
+        self._key: object = None
         self._value: DesiredState | None = None
 
     @staticmethod
     def key(catalog: Catalog, hosts: list[Host], revision: str, down_hosts: frozenset[str],
             previous: Mapping[tuple[str, str], Mapping[int, str]], demand: Mapping[tuple[str, str], int] | None,
-            facts: OriginFacts, artifacts: Mapping[str, frozenset[str]] | None = None) -> Hashable:
+            facts: OriginFacts, artifacts: Mapping[str, frozenset[str]] | None = None) -> object:
+        # Compared with ==, never hashed: copies of the dicts (cheap), not frozensets of their items
+        # (a pass's placement of 1,000 deployments would take milliseconds to freeze).
         return (
-            frozenset((artifacts or {}).items()),
+            dict(artifacts or {}),
             id(catalog), revision, tuple(hosts), down_hosts,
-            frozenset((k, frozenset(v.items())) for k, v in previous.items()),
-            frozenset((demand or {}).items()),
-            frozenset(facts.commits.items()), frozenset(facts.errors.items()), facts.prefer_official,
-            frozenset(facts.file_errors.items()), facts.unavailable, frozenset(facts.metadata_errors.items()),
-            frozenset((k, tuple(sorted((str(a), str(b)) for a, b in v.items()))) for k, v in facts.metadata.items()),
+            {k: dict(v) for k, v in previous.items()},
+            dict(demand or {}),
+            dict(facts.commits), dict(facts.errors), facts.prefer_official,
+            dict(facts.file_errors), facts.unavailable, dict(facts.metadata_errors),
+            {k: dict(v) for k, v in facts.metadata.items()},
         )
 
-    def get(self, key: Hashable) -> DesiredState | None:
+    def get(self, key: object) -> DesiredState | None:
         return self._value if key == self._key else None
 
-    def put(self, key: Hashable, value: DesiredState) -> None:
+    def put(self, key: object, value: DesiredState) -> None:
         self._key, self._value = key, value

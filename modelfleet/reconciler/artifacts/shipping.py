@@ -238,12 +238,18 @@ class ArtifactHostOps:
                 return None
 
     def create_volume(self, name: str, labels: dict[str, str]) -> dict[str, Any]:
-        with self.client._translate("create volume"):
-            data: dict[str, Any] = self.api.create_volume(name=name, driver="local", labels=labels)
-            return data
+        # Told before and after: a list of the host's artifacts made meanwhile is not kept.
+        self.client.artifacts_changed()
+        try:
+            with self.client._translate("create volume"):
+                data: dict[str, Any] = self.api.create_volume(name=name, driver="local", labels=labels)
+                return data
+        finally:
+            self.client.artifacts_changed()
 
     def remove_volume(self, name: str) -> bool:
         """False when the volume is in use (or gone already)."""
+        self.client.artifacts_changed()
         try:
             with self.client._translate("remove volume"):
                 self.api.remove_volume(name)
@@ -252,6 +258,8 @@ class ArtifactHostOps:
             if "in use" in str(exc) or "No such volume" in str(exc) or "no such volume" in str(exc):
                 return False
             raise
+        finally:
+            self.client.artifacts_changed()
 
     def artifact_volumes(self) -> list[dict[str, Any]]:
         with self.client._translate("list volumes"):

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,8 @@ class Daemon:
         self.source = GitSource(config.repo.url, config.repo.branch, self.state_dir, timeout=config.repo.fetch_timeout)
         self.hosts = {h.name: h for h in config.pool.hosts}
         self.clients = {h.name: HostClient(h, timeout=config.docker.timeout) for h in config.pool.hosts}
+        # One observing thread per host, kept from pass to pass (pool/observe.py).
+        self._observers = ThreadPoolExecutor(max_workers=max(1, len(self.clients)), thread_name_prefix="observe")
         self.triggers = TriggerQueue()
         self.stop_event = threading.Event()
         self.metrics = Metrics()
@@ -239,6 +242,7 @@ class Daemon:
     def close(self) -> None:
         self.reviews.close()
         self.applier.close()
+        self._observers.shutdown(wait=False)
         for client in self.clients.values():
             client.close()
         with contextlib.suppress(ModelfleetError):
@@ -332,7 +336,7 @@ class Daemon:
         logs.bind(revision=revision)
         self.store.set_fact(FACT_LAST_ATTEMPTED, revision)
         # 2. Observe the pool (one label-filtered list per host, in parallel).
-        observation = observe(list(self.clients.values()))
+        observation = observe(list(self.clients.values()), self._observers)
         # 3. Load the manifests at the commit (cached per commit) and what is known of their origins.
         catalog, file_errors = self._load(revision)
         facts = self.origins.facts(catalog, file_errors)

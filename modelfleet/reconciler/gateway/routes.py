@@ -264,6 +264,8 @@ class RouteStore:
         self._has = {name: self._ensure_column(name) for name in self.SETTINGS}
         # (version, (routes json, then each settings column's json)) this process last published
         self._last: tuple[int, tuple[str | None, ...]] | None = None
+        # The last table as given, to skip serializing an unchanged one (every pass publishes).
+        self._last_given: tuple[int, tuple[object, ...]] | None = None
 
     def _ensure_column(self, name: str) -> bool:
         """Add the column ``name`` (one of SETTINGS) to a routes.db written before it existed;
@@ -289,6 +291,16 @@ class RouteStore:
         route key -> overflow settings; ``tokens``: route key -> token limits (keys that are not in
         ``routes`` are ignored), stored in the same transaction as the routes.
         """
+        given = (dict(routes), dict(activation or {}), dict(overflow or {}), dict(tokens or {}))
+        if self._last_given is not None and self._last_given[1] == given \
+                and self._last_given[0] == self.latest_version():
+            return self._last_given[0]  # the same objects as last time, and nobody else published since
+        version = self._publish(routes, activation, overflow, tokens)
+        self._last_given = (version, given)
+        return version
+
+    def _publish(self, routes: dict[str, tuple[Backend, ...]], activation: dict[str, Activation] | None,
+                 overflow: dict[str, Overflow] | None, tokens: dict[str, TokenLimits] | None) -> int:
         table = RouteTable(0, routes, activation={k: a for k, a in (activation or {}).items() if k in routes},
                            overflow={k: o for k, o in (overflow or {}).items() if k in routes},
                            tokens={k: t for k, t in (tokens or {}).items() if k in routes})

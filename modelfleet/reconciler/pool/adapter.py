@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,10 @@ class HostClient:
         # Held while observe's container list of this host is in flight (observe does not wait for
         # a host past its timeout, and does not ask again while the previous list has not returned).
         self.listing = threading.Lock()
+        # The artifact ids last listed, when, and a generation that every volume change made
+        # through this client bumps (a list that began before a change is not kept).
+        self._artifacts: tuple[frozenset[str], float] | None = None
+        self._artifacts_generation = 0
 
     @property
     def name(self) -> str:
@@ -111,14 +116,28 @@ class HostClient:
             raw = client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=true"})
         return [_info(c) for c in raw]
 
-    def artifact_ids(self) -> frozenset[str]:
+    def artifact_ids(self, max_age: float = 0.0) -> frozenset[str]:
         """The model artifacts this host holds: the ids its managed artifact volumes are labelled
-        with (state/artifacts.py), for placement's locality."""
+        with (state/artifacts.py), for placement's locality. ``max_age``: the last list is good
+        for that many seconds unless a volume was created or removed through this client since
+        (the shipper's changes; one made by someone else shows within ``max_age``)."""
+        cached = self._artifacts
+        if cached is not None and time.monotonic() - cached[1] < max_age:
+            return cached[0]
+        generation = self._artifacts_generation
         client = self._docker()
         with self._translate("list volumes"):
             data = client.api.volumes(filters={"label": [LABEL_ARTIFACT, f"{LABEL_MANAGED}=true"]})
-        return frozenset(label for volume in data.get("Volumes") or []
+        held = frozenset(label for volume in data.get("Volumes") or []
                          if (label := (volume.get("Labels") or {}).get(LABEL_ARTIFACT)))
+        if generation == self._artifacts_generation:
+            self._artifacts = (held, time.monotonic())
+        return held
+
+    def artifacts_changed(self) -> None:
+        """A volume is being created or removed: the next ``artifact_ids`` lists again."""
+        self._artifacts_generation += 1
+        self._artifacts = None
 
     def image_present(self, image: str) -> bool:
         client = self._docker()

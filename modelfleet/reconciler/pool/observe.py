@@ -24,18 +24,26 @@ class Observation:
     artifacts: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
+# How long a host's list of artifact volumes is reused by later passes (the daemon's own volume
+# changes are seen at once: its shipper tells the host's client).
+ARTIFACTS_MAX_AGE = 30.0
+
 # One host's answer: its containers (or why it could not list them), how long it took, and the
 # artifacts it holds (None: not known).
 _Listed = tuple[list[ContainerInfo] | str, float, frozenset[str] | None]
 
 
-def observe(clients: Sequence[HostClient]) -> Observation:
+def observe(clients: Sequence[HostClient], executor: ThreadPoolExecutor | None = None) -> Observation:
     """One label-filtered list of containers, then of artifact volumes, per host, in parallel.
     A host that has not answered within its client's timeout (docker.timeout) counts as unreachable
     for this pass: the pass does not wait for it (docker-py's timeout bounds each socket operation,
     not a whole call: a host that trickles its answer, or needs a round trip for the API version
     first, could take several). Its list goes on in the background; while it has not returned,
-    later passes do not ask again."""
+    later passes do not ask again.
+
+    ``executor``: threads kept from pass to pass (the daemon's: starting threads on every pass
+    costs more than a fast host's list); it needs a worker per client, since each host has at
+    most one list in flight. None: threads of this call only."""
     started = time.monotonic()
     result = Observation()
     if not clients:
@@ -52,7 +60,7 @@ def observe(clients: Sequence[HostClient]) -> Observation:
         try:
             # Only a preference (placement's locality): a host that lists its containers but not
             # its volumes is up, its artifacts are just not known this pass.
-            held = client.artifact_ids()
+            held = client.artifact_ids(max_age=ARTIFACTS_MAX_AGE)
         except ModelfleetError:
             pass
         finally:
@@ -62,7 +70,7 @@ def observe(clients: Sequence[HostClient]) -> Observation:
     down: set[str] = set()
     outcomes: dict[str, list[ContainerInfo] | str] = {}
     seconds: dict[str, float] = {}
-    pool = ThreadPoolExecutor(max_workers=max(1, min(32, len(clients))), thread_name_prefix="observe")
+    pool = executor or ThreadPoolExecutor(max_workers=max(1, min(32, len(clients))), thread_name_prefix="observe")
     try:
         futures: dict[Future[_Listed], HostClient] = {}
         for client in clients:
@@ -93,7 +101,8 @@ def observe(clients: Sequence[HostClient]) -> Observation:
             outcomes[client.name] = str(HostUnavailable(
                 client.name, f"no answer to the container list within {client.timeout:g}s (docker.timeout)"))
     finally:
-        pool.shutdown(wait=False)
+        if executor is None:
+            pool.shutdown(wait=False)
     for client in clients:
         listed = outcomes[client.name]
         host = client.name

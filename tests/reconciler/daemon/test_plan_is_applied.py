@@ -184,7 +184,7 @@ def test_the_daemon_applies_exactly_the_plan(data: dict[str, Any]) -> None:
 
         daemon = Daemon(config, clock=lambda: NOW)
         try:
-            patch.setattr(daemon_module, "observe", lambda clients: observation)
+            patch.setattr(daemon_module, "observe", lambda clients, executor=None: observation)
             patch.setattr(daemon.source, "sync", lambda: Synced(REVISION))
             patch.setattr(daemon, "_load", lambda revision: (catalog, {}))
             patch.setattr(daemon.origins, "facts", lambda catalog, file_errors=None: OriginFacts())

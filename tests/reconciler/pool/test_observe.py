@@ -26,7 +26,7 @@ class FakeClient(HostClient):
         self.held = held
         self.calls = 0
 
-    def artifact_ids(self) -> frozenset[str]:
+    def artifact_ids(self, max_age: float = 0.0) -> frozenset[str]:
         if isinstance(self.held, Exception):
             raise self.held
         return self.held

@@ -177,3 +177,37 @@ def test_a_concurrency_ramp_scales_up_without_failures_and_back_to_zero(tmp_path
     finally:
         fleet.stop()
         fleet.kill_gateway()
+
+
+def test_the_daemon_killed_mid_activation_converges_and_the_held_requests_are_answered(
+        tmp_path: Path, clean_hosts: list[TestHost]) -> None:
+    """The daemon dies after it started the standby for held requests and before the replica is
+    ready (READY_DELAY: ready 2 s after its start): the gateway keeps holding them, the next daemon
+    finds the replica running, probes and routes it, and the held requests are served; nothing is
+    left behind but the one replica."""
+    fleet = make_fleet(tmp_path, clean_hosts)
+    model = echo_model("mid", replicas=0, environment="development", env={"READY_DELAY": "2"})
+    deployment = model["spec"]["deployments"][0]
+    del deployment["replicas"]
+    deployment["serverless"] = {**SERVERLESS, "maxReplicas": 1, "activationTimeout": "30s", "queue": 4,
+                                "scaleToZeroGrace": "60s"}
+    fleet.push({**BASE_MANIFESTS, "models/mid.yaml": model})
+    fleet.start()
+    try:
+        fleet.wait(lambda: fleet.deployment("mid", "development").get("reason") == "ScaledToZero", 60, "standby")
+        fleet.wait(fleet.routed, 10, "gateway follows the table")
+        with httpx.Client(trust_env=False, timeout=40) as client, ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(fleet.call, "mid", "/infer", "development", client) for _ in range(2)]
+            fleet.wait(lambda: _running(fleet, "mid"), 15, "the standby started for the held requests")
+            assert not any(h.done() for h in held)  # not ready yet: still held
+            fleet.stop(signal.SIGKILL)
+            fleet.start()
+            answers = [h.result(timeout=40) for h in held]
+        assert [a.status_code for a in answers] == [200, 200], ([(a.status_code, a.text) for a in answers],
+                                                                 fleet.log())
+        mine = _of(fleet, "mid")
+        assert len(mine) == 1 and mine[0]["state"] == "running", mine
+        fleet.wait(lambda: fleet.deployment("mid", "development").get("state") == "success", 20, "converged")
+    finally:
+        fleet.stop()
+        fleet.kill_gateway()

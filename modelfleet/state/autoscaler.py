@@ -68,6 +68,29 @@ def decide(spec: Serverless, samples: Sequence[LoadSample], memory: ScalerMemory
     """How many replicas should run now. ``samples``: this deployment's, oldest first (older than the
     stable window ignored); ``current``: replicas running (ready or starting); ``limit``: the most
     capacity and policies allow (None: no limit)."""
+    if not samples and current <= 0 and memory is not None:
+        resting = _still_at_zero(spec, memory, now, watching_since)
+        if resting is not None:
+            return resting
+    return _decide(spec, samples, memory, now, current=current, watching_since=watching_since, limit=limit)
+
+
+def _still_at_zero(spec: Serverless, memory: ScalerMemory, now: float, watching_since: float) -> ScaleDecision | None:
+    """The decision of ``_decide`` for a deployment at zero that stays there (no samples at all,
+    nothing runs, it was 0 already, no panic, nothing wanted within the delay), without its
+    arithmetic and sentences: most serverless deployments of a pass are such, and a pass of a
+    large fleet decides each of them. None: not that case."""
+    if (spec.min_replicas != 0 or memory.desired != 0 or memory.panic_since is not None
+            or any(count for _, count in memory.wanted) or now - watching_since < spec.scale_to_zero_grace):
+        return None
+    return ScaleDecision(
+        desired=0, reason="idle: scaled to zero", metric=spec.metric, value=0.0, panicking=False,
+        memory=ScalerMemory(since=memory.since, desired=0, last_change_at=memory.last_change_at,
+                            wanted=((now, 0),)))
+
+
+def _decide(spec: Serverless, samples: Sequence[LoadSample], memory: ScalerMemory | None, now: float, *,
+            current: int, watching_since: float, limit: int | None = None) -> ScaleDecision:
     current = max(0, current)
     since = memory.since if memory is not None else now
     previous = memory.desired if memory is not None else current

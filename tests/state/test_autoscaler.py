@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from modelfleet.state.autoscaler import ScaleDecision, ScalerMemory, decide
+from modelfleet.state.autoscaler import ScaleDecision, ScalerMemory, _decide, decide
 from modelfleet.state.demand import LoadSample
 from modelfleet.state.loader import load_tree
 from modelfleet.state.manifests import Serverless
@@ -357,6 +357,24 @@ def test_desired_stays_within_min_max_and_limit(min_replicas: int, extra: int, c
         decision = decide(spec, samples, memory, now, current=current, watching_since=0, limit=limit)
         assert min(spec.min_replicas, top) <= decision.desired <= top
         memory, current = decision.memory, decision.desired
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(min_replicas=st.integers(0, 2), desired=st.integers(0, 3), now=st.floats(0, 500),
+       watching_since=st.floats(0, 500), since=st.floats(0, 500),
+       wanted=st.lists(st.tuples(st.floats(0, 500), st.integers(0, 3)), max_size=3),
+       panic_since=st.one_of(st.none(), st.floats(0, 500)), limit=st.one_of(st.none(), st.integers(0, 4)),
+       last_change_at=st.one_of(st.none(), st.floats(0, 500)))
+def test_the_shortcut_for_a_deployment_resting_at_zero_decides_as_the_full_rules(
+        min_replicas: int, desired: int, now: float, watching_since: float, since: float,
+        wanted: list[tuple[float, int]], panic_since: float | None, limit: int | None,
+        last_change_at: float | None) -> None:
+    spec = serverless(minReplicas=min_replicas, maxReplicas=4)
+    memory = ScalerMemory(since=since, desired=desired, last_change_at=last_change_at,
+                          wanted=tuple(sorted(wanted)), panic_since=panic_since,
+                          panic_until=None if panic_since is None else panic_since + 60)
+    assert decide(spec, [], memory, now, current=0, watching_since=watching_since, limit=limit) == \
+        _decide(spec, [], memory, now, current=0, watching_since=watching_since, limit=limit)
 
 
 # --- the manifest fields ------------------------------------------------------------------------------

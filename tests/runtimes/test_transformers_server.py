@@ -142,7 +142,9 @@ def test_health_and_info(minilm: InProcessServer) -> None:
     assert models["data"][0]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
     app: Any = minilm.server.config.app  # the Starlette app the fixture serves
     readiness = app.state.runtime.readiness
-    assert list(readiness.startup.steps) == ["process start to loading", "import torch", "import transformers",
+    # MiniLM is a BERT encoder: served by the native path, transformers never imported for it.
+    assert info["encoder"] == "native-bert"
+    assert list(readiness.startup.steps) == ["process start to loading", "import torch",
                                              "load the embeddings model", "warm-up"]
     assert readiness.ready_after is not None
 

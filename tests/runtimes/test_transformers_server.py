@@ -149,6 +149,20 @@ def test_health_and_info(minilm: InProcessServer) -> None:
     assert readiness.ready_after is not None
 
 
+def test_native_bert_off_serves_minilm_through_transformers(minilm: InProcessServer,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ts_mod.ENV_NATIVE_BERT, "0")
+    with serve_in_process(create_app(hf_builder.minilm_dir())) as server:
+        assert server.wait("/health").status_code == 200
+        assert httpx.get(f"{server.base}/info").json()["encoder"] == "transformers"
+        app: Any = server.server.config.app
+        assert "import transformers" in app.state.runtime.readiness.startup.steps
+        slow = httpx.post(f"{server.base}/embed", json={"inputs": SENTENCES}, timeout=60).json()
+    fast = httpx.post(f"{minilm.base}/embed", json={"inputs": SENTENCES}, timeout=60).json()
+    for a, b in zip(fast, slow, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
 def test_info_reports_what_the_daemon_set(lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model id and commit the daemon passes (runtime contract) are what the server reports."""
     told = RuntimeEnvironment(model_dir=str(lm_dir), artifact="hf:org/tiny-lm@" + "c" * 40, model_id="org/tiny-lm",

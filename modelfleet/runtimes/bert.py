@@ -4,8 +4,10 @@ and ``tokenizer.json`` (the ``tokenizers`` library), without importing ``transfo
 Why: importing transformers and building ``AutoModel`` costs ~2.5 s of a MiniLM start on one CPU
 (the module machinery, the config classes, the attention dispatch); this path loads the same
 weights into the same computation in ~0.1 s. It serves only what it can reproduce exactly:
-``bert`` encoders with absolute positions, erf GELU, one safetensors file and a fast tokenizer
-(``supported`` says why not; then the runtime uses transformers as before). The embeddings equal
+``bert`` encoders with absolute positions, erf GELU, one safetensors file and a tokenizer.json that
+tokenizes as transformers' BertTokenizer would (transformers rebuilds the normalizer and the
+[CLS]/[SEP] template from tokenizer_config.json; the two must agree). ``supported`` says why not
+otherwise; then the runtime uses transformers as before. The embeddings equal
 ``transformers.BertModel``'s last hidden state (tested against it and sentence-transformers).
 
 The tokenizer is called as transformers' ``PreTrainedTokenizerFast`` calls it: the truncation and
@@ -84,12 +86,58 @@ def supported(directory: Path) -> tuple[BertSnapshot | None, str]:
     pad = _token_text(tok_config.get("pad_token")) or _token_text(special.get("pad_token"))
     if pad is None:
         return None, "no pad token"
+    if mismatch := _tokenizer_mismatch(directory / TOKENIZER, tok_config):
+        return None, mismatch
     sides = (tok_config.get("padding_side", "right"), tok_config.get("truncation_side", "right"))
     if any(side not in ("left", "right") for side in sides):
         return None, f"padding/truncation side {sides}"
     limit = tok_config.get("model_max_length")
     return BertSnapshot(directory, config, pad, str(sides[0]), str(sides[1]),
                         limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None), ""
+
+
+_BERT_TOKENIZER_CLASSES = (None, "BertTokenizer", "BertTokenizerFast")
+
+
+def _tokenizer_mismatch(path: Path, tok_config: dict[str, Any]) -> str:
+    """Why tokenizer.json alone would not tokenize as transformers does ("" when it would).
+
+    transformers' BertTokenizer builds its normalizer from tokenizer_config.json (``do_lower_case``,
+    ``tokenize_chinese_chars``, ``strip_accents``) and its template from the cls/sep tokens, whatever
+    tokenizer.json says; the native path uses tokenizer.json as it is, so it serves only snapshots
+    where the two agree (other tokenizer classes: transformers)."""
+    if tok_config.get("tokenizer_class") not in _BERT_TOKENIZER_CLASSES:
+        return f"tokenizer_class {tok_config.get('tokenizer_class')!r} is not BertTokenizer"
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        return f"{TOKENIZER} is not a JSON object"
+    normalizer = data.get("normalizer") or {}
+    wanted = {"type": "BertNormalizer", "clean_text": True,
+              "lowercase": tok_config.get("do_lower_case", True),
+              "handle_chinese_chars": tok_config.get("tokenize_chinese_chars", True),
+              "strip_accents": tok_config.get("strip_accents")}
+    differing = sorted(k for k, v in wanted.items() if not isinstance(normalizer, dict) or normalizer.get(k) != v)
+    if differing:
+        return f"{TOKENIZER}'s normalizer differs from tokenizer_config.json in {', '.join(differing)}"
+    if (data.get("pre_tokenizer") or {}).get("type") != "BertPreTokenizer":
+        return f"{TOKENIZER} has no BertPreTokenizer"
+    model = data.get("model") or {}
+    unk = _token_text(tok_config.get("unk_token")) or "[UNK]"
+    if model.get("type") != "WordPiece" or model.get("unk_token") != unk:
+        return f"{TOKENIZER} has no WordPiece model with unk token {unk!r}"
+    cls = _token_text(tok_config.get("cls_token")) or "[CLS]"
+    sep = _token_text(tok_config.get("sep_token")) or "[SEP]"
+    post = data.get("post_processor") or {}
+    if post.get("type") == "TemplateProcessing":
+        single = [next(iter(piece.values())).get("id") for piece in post.get("single") or [] if isinstance(piece, dict)]
+        if single != [cls, "A", sep]:
+            return f"{TOKENIZER}'s template is not {cls} $A {sep}"
+    elif post.get("type") == "BertProcessing":
+        if [post.get("cls", [None])[0], post.get("sep", [None])[0]] != [cls, sep]:
+            return f"{TOKENIZER}'s BertProcessing does not use {cls} and {sep}"
+    else:
+        return f"{TOKENIZER} adds no {cls}/{sep} (post_processor {post.get('type')!r})"
+    return ""
 
 
 class BertTokenizer:

@@ -93,7 +93,21 @@ def _edit_config(directory: Path, **changes: Any) -> None:
     path.write_text(json.dumps(config))
 
 
+def _edit_tokenizer_config(directory: Path, **changes: Any) -> None:
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize(("edit", "reason"), [
+    (lambda d: _edit_tokenizer_config(d, do_lower_case=False),
+     "tokenizer.json's normalizer differs from tokenizer_config.json in lowercase"),
+    (lambda d: _edit_tokenizer_config(d, strip_accents=True, tokenize_chinese_chars=False),
+     "tokenizer.json's normalizer differs from tokenizer_config.json in handle_chinese_chars, strip_accents"),
+    (lambda d: _edit_tokenizer_config(d, tokenizer_class="DistilBertTokenizer"),
+     "tokenizer_class 'DistilBertTokenizer' is not BertTokenizer"),
+    (lambda d: _edit_tokenizer_config(d, cls_token="<s>"), "tokenizer.json's template is not <s> $A [SEP]"),
     (lambda d: _edit_config(d, model_type="roberta"), "model_type 'roberta' is not bert"),
     (lambda d: _edit_config(d, position_embedding_type="relative_key"), "position_embedding_type 'relative_key'"),
     (lambda d: _edit_config(d, hidden_act="relu"), "hidden_act 'relu'"),
@@ -130,6 +144,20 @@ def test_missing_weights_name_the_tensor(tiny_bert: Path, tmp_path: Path) -> Non
     assert snapshot is not None
     with pytest.raises(ValueError, match=r"lacks encoder\.layer\.1\.output\.dense\.weight"):
         bert.BertEncoder(snapshot, torch.float32)
+
+
+def test_where_transformers_would_tokenize_differently_the_native_path_steps_aside(tmp_path: Path) -> None:
+    """do_lower_case false over an uncased tokenizer.json: transformers rebuilds the normalizer from
+    tokenizer_config.json (and gets other ids); the embedder then uses transformers and agrees."""
+    from transformers import AutoTokenizer
+
+    directory = hf_builder.copy_minilm(tmp_path / "cased")
+    _edit_tokenizer_config(directory, do_lower_case=False)
+    embedder = Embedder(directory, torch.float32)
+    assert embedder.backend == "transformers" and "lowercase" in embedder.backend_reason
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    assert tokenizer(["Hello"])["input_ids"] != AutoTokenizer.from_pretrained(
+        str(hf_builder.minilm_dir()), local_files_only=True)(["Hello"])["input_ids"]
 
 
 def test_embedder_native_and_transformers_paths_agree() -> None:

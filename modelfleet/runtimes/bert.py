@@ -213,14 +213,15 @@ class BertEncoder:
             raise ValueError(f"{WEIGHTS} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         self.w = {name: weights[name].to(dtype).contiguous() for name in names}
         self.dtype = dtype
-        # Fused query/key/value per layer: one matmul instead of three.
+        # Fused query/key/value per layer: one matmul instead of three (the separate ones dropped).
         self.qkv: list[tuple[Any, Any]] = []
         import torch
 
         for i in range(self.layers):
             p = f"encoder.layer.{i}.attention.self."
-            self.qkv.append((torch.cat([self.w[p + n + ".weight"] for n in ("query", "key", "value")]),
-                             torch.cat([self.w[p + n + ".bias"] for n in ("query", "key", "value")])))
+            parts = [p + n for n in ("query", "key", "value")]
+            self.qkv.append((torch.cat([self.w.pop(n + ".weight") for n in parts]),
+                             torch.cat([self.w.pop(n + ".bias") for n in parts])))
 
     def __call__(self, input_ids: Any, token_type_ids: Any, attention_mask: Any) -> Any:
         import torch

@@ -76,7 +76,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from modelfleet.runtimes import RUNTIME_VERSION
+from modelfleet.runtimes import RUNTIME_VERSION, bert
 from modelfleet.runtimes._common import (
     ENV_WARMUP,
     BodyTooLarge,
@@ -107,6 +107,7 @@ ENV_MAX_INPUTS = "MODELFLEET_MAX_CLIENT_BATCH"  # inputs per embeddings/classify
 ENV_BATCH_SIZE = "MODELFLEET_BATCH_SIZE"  # inputs per forward pass; default 32
 ENV_MAX_NEW_TOKENS = "MODELFLEET_MAX_NEW_TOKENS"  # cap on generated tokens per request; default 2048
 ENV_MAX_REQUEST_SIZE = "MODELFLEET_MAX_REQUEST_SIZE"  # bytes; default 16 MiB
+ENV_NATIVE_BERT = "MODELFLEET_NATIVE_BERT"  # "0": BERT embeddings through transformers, not modelfleet.runtimes.bert
 
 TASK_ALIASES: dict[str, str] = {
     "embeddings": "embeddings", "embedding": "embeddings", "feature-extraction": "embeddings",
@@ -280,16 +281,38 @@ def pool(token_embeddings: Any, attention_mask: Any, mode: str) -> Any:
 
 
 class Embedder:
-    def __init__(self, model_dir: Path, dtype: Any) -> None:
-        from transformers import AutoModel, AutoTokenizer
+    """Sentence embeddings: tokenizer -> encoder -> pooling (-> L2). BERT encoders run on the native
+    path (``modelfleet.runtimes.bert``: torch + tokenizers + safetensors, no transformers import);
+    any other model, or ``MODELFLEET_NATIVE_BERT=0``, through transformers' AutoModel."""
 
+    def __init__(self, model_dir: Path, dtype: Any, *, native: bool = True) -> None:
         transformer_dir, self.pooling, max_seq, self.lowercase = read_sentence_transformers_layout(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(transformer_dir), local_files_only=True, **_dtype_kwargs(dtype))
-        self.model.eval()
-        limits = [v for v in (max_seq, _tokenizer_limit(self.tokenizer), _max_positions(self.model.config)) if v]
+        snapshot, why = bert.supported(transformer_dir) if native else (None, f"{ENV_NATIVE_BERT}=0")
+        self.backend = "native-bert" if snapshot is not None else "transformers"
+        self.backend_reason = why
+        positions: int | None
+        if snapshot is not None:
+            tokenizer = bert.BertTokenizer(snapshot)
+            encoder = bert.BertEncoder(snapshot, dtype)
+            self._lengths: Callable[[list[str]], list[int]] = tokenizer.lengths
+            self._features: Callable[[list[str], int], dict[str, Any]] = tokenizer.batch
+            self._forward: Callable[[dict[str, Any]], Any] = lambda features: encoder(**features)
+            tokenizer_limit, positions = tokenizer.model_max_length, encoder.max_positions
+            self.dimensions = encoder.hidden
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            hf_tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir), local_files_only=True)
+            model = AutoModel.from_pretrained(str(transformer_dir), local_files_only=True, **_dtype_kwargs(dtype))
+            model.eval()
+            self._lengths = lambda batch: [len(ids) for ids in hf_tokenizer(batch)["input_ids"]]
+            self._features = lambda batch, limit: dict(hf_tokenizer(
+                batch, padding=True, truncation="longest_first", max_length=limit, return_tensors="pt"))
+            self._forward = lambda features: model(**features)[0]
+            tokenizer_limit, positions = _tokenizer_limit(hf_tokenizer), _max_positions(model.config)
+            self.dimensions = int(getattr(model.config, "hidden_size", 0) or 0)
+        limits = [v for v in (max_seq, tokenizer_limit, positions) if v]
         self.max_length = min(limits) if limits else 512
-        self.dimensions = int(getattr(self.model.config, "hidden_size", 0) or 0)
 
     def encode(self, texts: list[str], *, normalize: bool, truncate: bool = True,
                batch_size: int = 32) -> tuple[list[list[float]], int]:
@@ -306,16 +329,13 @@ class Embedder:
             chunk = order[start:start + batch_size]
             batch = [texts[i] for i in chunk]
             if not truncate:
-                lengths = [len(ids) for ids in self.tokenizer(batch)["input_ids"]]
-                too_long = [n for n in lengths if n > self.max_length]
+                too_long = [n for n in self._lengths(batch) if n > self.max_length]
                 if too_long:
                     raise ApiError(413, f"input has {max(too_long)} tokens, more than the model's maximum "
                                         f"{self.max_length} (send \"truncate\": true)")
-            features = self.tokenizer(batch, padding=True, truncation="longest_first",
-                                      max_length=self.max_length, return_tensors="pt")
+            features = self._features(batch, self.max_length)
             with torch.inference_mode():
-                output = self.model(**features)
-            token_embeddings = output[0]
+                token_embeddings = self._forward(features)
             pooled = pool(token_embeddings, features["attention_mask"], self.pooling.mode)
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -643,12 +663,20 @@ class TransformersRuntime:
         task, reason = detect_task(self.model_dir, self.explicit_task)
         log.info("task %s (%s), model %s", task, reason, self.model_dir)
         dtype = _torch_dtype(self.dtype_name)
-        if task != "text-to-image":
+        native = env_bool(ENV_NATIVE_BERT, True)
+        if task == "embeddings" and native:
+            transformer_dir = read_sentence_transformers_layout(self.model_dir)[0]
+            needs_transformers = bert.supported(transformer_dir)[0] is None
+        else:
+            needs_transformers = task != "text-to-image"
+        if needs_transformers:
             with times.step("import transformers"):
                 import transformers  # noqa: F401
         with times.step(f"load the {task} model"):
             if task == "embeddings":
-                self.embedder = Embedder(self.model_dir, dtype)
+                self.embedder = Embedder(self.model_dir, dtype, native=native)
+                log.info("embeddings encoder: %s%s", self.embedder.backend,
+                         f" ({self.embedder.backend_reason})" if self.embedder.backend_reason else "")
             elif task == "classification":
                 self.classifier = Classifier(self.model_dir, dtype)
             elif task == "generation":
@@ -729,7 +757,8 @@ class TransformersRuntime:
         }
         if self.embedder is not None:
             info.update(max_input_length=self.embedder.max_length, pooling=self.embedder.pooling.mode,
-                        normalize=self.embedder.pooling.normalize, dimensions=self.embedder.dimensions)
+                        normalize=self.embedder.pooling.normalize, dimensions=self.embedder.dimensions,
+                        encoder=self.embedder.backend)
         if self.classifier is not None:
             info.update(max_input_length=self.classifier.max_length,
                         labels=[self.classifier.labels[k] for k in sorted(self.classifier.labels)])

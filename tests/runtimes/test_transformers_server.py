@@ -142,9 +142,25 @@ def test_health_and_info(minilm: InProcessServer) -> None:
     assert models["data"][0]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
     app: Any = minilm.server.config.app  # the Starlette app the fixture serves
     readiness = app.state.runtime.readiness
-    assert list(readiness.startup.steps) == ["process start to loading", "import torch", "import transformers",
+    # MiniLM is a BERT encoder: served by the native path, transformers never imported for it.
+    assert info["encoder"] == "native-bert"
+    assert list(readiness.startup.steps) == ["process start to loading", "import torch",
                                              "load the embeddings model", "warm-up"]
     assert readiness.ready_after is not None
+
+
+def test_native_bert_off_serves_minilm_through_transformers(minilm: InProcessServer,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ts_mod.ENV_NATIVE_BERT, "0")
+    with serve_in_process(create_app(hf_builder.minilm_dir())) as server:
+        assert server.wait("/health").status_code == 200
+        assert httpx.get(f"{server.base}/info").json()["encoder"] == "transformers"
+        app: Any = server.server.config.app
+        assert "import transformers" in app.state.runtime.readiness.startup.steps
+        slow = httpx.post(f"{server.base}/embed", json={"inputs": SENTENCES}, timeout=60).json()
+    fast = httpx.post(f"{minilm.base}/embed", json={"inputs": SENTENCES}, timeout=60).json()
+    for a, b in zip(fast, slow, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
 
 
 def test_info_reports_what_the_daemon_set(lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

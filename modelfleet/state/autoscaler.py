@@ -69,19 +69,20 @@ def decide(spec: Serverless, samples: Sequence[LoadSample], memory: ScalerMemory
     stable window ignored); ``current``: replicas running (ready or starting); ``limit``: the most
     capacity and policies allow (None: no limit)."""
     if not samples and current <= 0 and memory is not None:
-        resting = _still_at_zero(spec, memory, now, watching_since)
+        resting = _still_at_zero(spec, memory, now, limit)
         if resting is not None:
             return resting
     return _decide(spec, samples, memory, now, current=current, watching_since=watching_since, limit=limit)
 
 
-def _still_at_zero(spec: Serverless, memory: ScalerMemory, now: float, watching_since: float) -> ScaleDecision | None:
+def _still_at_zero(spec: Serverless, memory: ScalerMemory, now: float, limit: int | None) -> ScaleDecision | None:
     """The decision of ``_decide`` for a deployment at zero that stays there (no samples at all,
     nothing runs, it was 0 already, no panic, nothing wanted within the delay), without its
     arithmetic and sentences: most serverless deployments of a pass are such, and a pass of a
     large fleet decides each of them. None: not that case."""
-    if (spec.min_replicas != 0 or memory.desired != 0 or memory.panic_since is not None
-            or any(count for _, count in memory.wanted) or now - watching_since < spec.scale_to_zero_grace):
+    top = spec.max_replicas if limit is None else min(spec.max_replicas, limit)
+    if (spec.min_replicas != 0 or top < 1 or memory.desired != 0 or memory.panic_since is not None
+            or memory.panic_until is not None or memory.panic_peak or any(count for _, count in memory.wanted)):
         return None
     return ScaleDecision(
         desired=0, reason="idle: scaled to zero", metric=spec.metric, value=0.0, panicking=False,

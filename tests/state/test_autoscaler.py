@@ -363,16 +363,17 @@ def test_desired_stays_within_min_max_and_limit(min_replicas: int, extra: int, c
 @given(min_replicas=st.integers(0, 2), desired=st.integers(0, 3), now=st.floats(0, 500),
        watching_since=st.floats(0, 500), since=st.floats(0, 500),
        wanted=st.lists(st.tuples(st.floats(0, 500), st.integers(0, 3)), max_size=3),
-       panic_since=st.one_of(st.none(), st.floats(0, 500)), limit=st.one_of(st.none(), st.integers(0, 4)),
-       last_change_at=st.one_of(st.none(), st.floats(0, 500)))
+       panic_since=st.one_of(st.none(), st.floats(0, 500)), panic_until=st.one_of(st.none(), st.floats(0, 500)),
+       panic_peak=st.integers(0, 2), limit=st.one_of(st.none(), st.integers(0, 4)),
+       last_change_at=st.one_of(st.none(), st.floats(0, 500)), below_since=st.one_of(st.none(), st.floats(0, 500)))
 def test_the_shortcut_for_a_deployment_resting_at_zero_decides_as_the_full_rules(
         min_replicas: int, desired: int, now: float, watching_since: float, since: float,
-        wanted: list[tuple[float, int]], panic_since: float | None, limit: int | None,
-        last_change_at: float | None) -> None:
+        wanted: list[tuple[float, int]], panic_since: float | None, panic_until: float | None, panic_peak: int,
+        limit: int | None, last_change_at: float | None, below_since: float | None) -> None:
     spec = serverless(minReplicas=min_replicas, maxReplicas=4)
     memory = ScalerMemory(since=since, desired=desired, last_change_at=last_change_at,
-                          wanted=tuple(sorted(wanted)), panic_since=panic_since,
-                          panic_until=None if panic_since is None else panic_since + 60)
+                          wanted=tuple(sorted(wanted)), panic_since=panic_since, panic_until=panic_until,
+                          panic_peak=panic_peak, below_since=below_since)
     assert decide(spec, [], memory, now, current=0, watching_since=watching_since, limit=limit) == \
         _decide(spec, [], memory, now, current=0, watching_since=watching_since, limit=limit)
 

@@ -31,8 +31,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from typing import Any, Protocol
 from urllib.parse import unquote, unquote_plus
 
 from starlette.types import Receive, Scope, Send
@@ -44,7 +44,7 @@ from modelfleet.reconciler.gateway.executions import ExecutionRecorder
 from modelfleet.reconciler.gateway.follower import TableFeed
 from modelfleet.reconciler.gateway.frontend import DISCONNECT_EXTENSION
 from modelfleet.reconciler.gateway.load import KeyLoad, LoadMeter
-from modelfleet.reconciler.gateway.metrics import GatewayMetrics
+from modelfleet.reconciler.gateway.metrics import GatewayMetrics, LiveCount
 from modelfleet.reconciler.gateway.overflow import FAILOVER, EndpointState, OverflowRouter
 from modelfleet.reconciler.gateway.pool import UpstreamPool
 from modelfleet.reconciler.gateway.responses import send_error, send_json
@@ -176,13 +176,97 @@ class Proxy:
                 raise
             status = 499
         finally:
-            exchange.close()
-            in_flight.dec()
-            ended = time.perf_counter()
-            if meter is not None:
-                meter.leave(ended)
-            self.metrics.observe(model, environment, status, ended - started)
-            self._record(exchange, model, environment, status, ended - started)
+            self._finish(exchange, model, environment, status, started, meter, in_flight)
+
+    def _finish(self, exchange: _Exchange, model: str, environment: str, status: int, started: float,
+                meter: KeyLoad | None, in_flight: LiveCount) -> None:
+        """A forwarded request is over: its metrics and its execution record."""
+        exchange.close()
+        in_flight.dec()
+        ended = time.perf_counter()
+        if meter is not None:
+            meter.leave(ended)
+        self.metrics.observe(model, environment, status, ended - started)
+        self._record(exchange, model, environment, status, ended - started)
+
+    # -- the direct path -------------------------------------------------------------------------
+
+    def direct(self, request: DirectRequest) -> bool:
+        """Forward a request whose body is all here from the protocols' callbacks: no task, no ASGI
+        messages. Taken when nothing about the request needs waiting: the deployment has ready
+        backends, no overflow endpoint and no token limit reached, the body is small enough to be
+        replayed. A response that comes whole is written at once; anything else (no idle connection
+        to the chosen backend, a failure to retry or answer, a response that streams) goes on as the
+        request's task on the ordinary path (:meth:`_resume`), where the same code decides. False:
+        nothing was done, :meth:`handle` takes the request."""
+        scope = request.scope
+        started = time.perf_counter()
+        raw_path: bytes = scope["raw_path"]
+        model_raw, _, sub_path = raw_path[len(MODELS_PREFIX):].partition(b"/")
+        model = unquote(model_raw.decode("latin-1"))
+        environment, query = split_query(scope["query_string"])
+        key = route_key(model, environment)
+        table = self.routes.table
+        backends = table.routes.get(key)
+        if not backends or (table.overflow and key in table.overflow):
+            return False
+        if table.tokens:
+            limits = table.tokens.get(key)
+            if limits is not None and self.tokens.verdict(key, limits) is not None:
+                return False  # the 429
+        if request.body_size > self.retry_buffer_limit:
+            return False
+        backend = self.balancer.pick(key, backends, None)
+        url = backend.url
+        exchange = _Exchange(None)
+        headers, _ = self._request_headers(scope, exchange)  # the body is all here: len(body) is its length
+        secret = self.gateway_secret(model, environment) if self.gateway_secret is not None else None
+        if secret is not None:
+            headers.append((_SECRET_HEADER, secret.encode()))
+        body = request.take_body()
+        meter = self._meters.get(key)
+        if meter is not None:
+            meter.arrive(started)
+        in_flight = self.metrics.in_flight_of(model, environment)
+        in_flight.inc()
+        exchange.backend = backend
+        self.balancer.acquire(url)
+        if meter is not None:
+            meter.acquire(url, time.perf_counter())
+        forward = _Direct(self, request, exchange, model, environment, key, backends,
+                          b"/" + sub_path + (b"?" + query if query else b""), body, backend, meter, in_flight,
+                          started)
+        request.notify_disconnect(forward.client_gone)
+        conn = self.upstream.take(url)
+        if conn is not None:
+            forward.response = self.upstream.send_on(conn, scope["method"].encode(), forward.target, headers, body,
+                                                     forward)
+        if forward.response is None:  # no connection to reuse (or the request cannot be written): the
+            forward.hand_over()       # ordinary path connects (or says why)
+        return True
+
+    async def _resume(self, forward: _Direct) -> None:
+        """The ordinary path from where the direct one stopped: the request was sent (or could not
+        be) to ``forward.backend``; its response failed, or streams."""
+        exchange = forward.exchange
+        model, environment = forward.model, forward.environment
+        request = forward.request
+        body = _RequestBody(request.receive, exchange)
+        body.prefill(forward.body)
+        status = 499
+        try:
+            status = await self._exchange(request.scope, request.receive, request.send, exchange, model, environment,
+                                          forward.key, forward.backends, forward.target, None, forward.meter,
+                                          forward.started, body, (forward.backend, forward.response))
+        except _ClientGone:
+            status = 499
+        except asyncio.CancelledError:
+            task = exchange.task
+            if not exchange.client_gone or task is None or task.uncancel() > 0:
+                raise
+            status = 499
+        finally:
+            self._finish(exchange, model, environment, status, forward.started, forward.meter, forward.in_flight)
 
     def _record(self, exchange: _Exchange, model: str, environment: str, status: int, seconds: float) -> None:
         if exchange.finished_body and 200 <= status < 300:
@@ -329,11 +413,14 @@ class Proxy:
     async def _exchange(self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange, model: str,
                         environment: str, key: str, backends: tuple[Backend, ...], target: bytes,
                         activation: Activation | None, meter: KeyLoad | None, started: float,
-                        body: _RequestBody | None = None) -> int:
+                        body: _RequestBody | None = None,
+                        sent: tuple[Backend, UpstreamResponse | None] | None = None) -> int:
         """Forward the request; returns the status code sent to the client.
 
         ``activation``: set when the deployment has no backend yet: the request is held first.
         ``body``: the request body, already read whole (a failover from an overflow endpoint).
+        ``sent``: the backend of the first attempt, picked and acquired by the direct path, and the
+        response to the request it sent there (None: it could not write it).
         """
         upstream = self.upstream
         headers, content_length = self._request_headers(scope, exchange)
@@ -381,12 +468,18 @@ class Proxy:
                     retry_backends = held
                     exchange.cold_start = True
                 backends = retry_backends
-            backend = balancer.pick(key, backends, avoid)
-            exchange.backend = backend
-            url = backend.url
-            balancer.acquire(url)
-            if meter is not None:
-                meter.acquire(url, time.perf_counter())
+            first: UpstreamResponse | None = None
+            if sent is not None:
+                backend, first = sent
+                sent = None
+                url = backend.url
+            else:
+                backend = balancer.pick(key, backends, avoid)
+                exchange.backend = backend
+                url = backend.url
+                balancer.acquire(url)
+                if meter is not None:
+                    meter.acquire(url, time.perf_counter())
             released = False
 
             def release() -> None:
@@ -399,8 +492,16 @@ class Proxy:
 
             try:
                 try:
-                    response = await upstream.request(url, method, target, headers, body.content(),
-                                                      content_length)
+                    if first is not None:
+                        response = first
+                        try:
+                            await response.wait_head()
+                        except BaseException:
+                            response.close()
+                            raise
+                    else:
+                        response = await upstream.request(url, method, target, headers, body.content(),
+                                                          content_length)
                 except UpstreamError as exc:
                     self.metrics.backend_error(model, environment, exc.kind)
                     if exc.retryable and attempt == 0 and body.replayable:
@@ -482,20 +583,8 @@ class Proxy:
 async def _relay(send: Send, response: UpstreamResponse, exchange: _Exchange,
                  complete: Callable[[], None]) -> None:
     """Stream the response to the client; ``complete()`` runs once the backend sent it all."""
-    drop = _RESPONSE_DROP
-    headers = []
-    has_id = False
-    tokens: ResponseTokens | None = None
-    for name, value in response.headers:
-        lower = name.lower()
-        if lower not in drop:
-            headers.append((name, value))
-            has_id = has_id or lower == _REQUEST_ID
-            if lower == _CONTENT_TYPE:
-                tokens = ResponseTokens.for_content_type(value)
-    if not has_id and exchange.request_id is not None:  # the client learns the id its request is logged under
-        headers.append((_REQUEST_ID, exchange.request_id.encode()))
-    exchange.response_tokens = tokens  # its usage is read once it is sent (token counts)
+    headers = _response_headers(response, exchange)
+    tokens = exchange.response_tokens
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     if not response.readable:  # the backend sent its head alone: the client gets it now, not with the body
         await send(_FLUSH)
@@ -512,6 +601,26 @@ async def _relay(send: Send, response: UpstreamResponse, exchange: _Exchange,
             return
         if chunk:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+def _response_headers(response: UpstreamResponse, exchange: _Exchange) -> list[tuple[bytes, bytes]]:
+    """The response headers for the client; sets ``exchange.response_tokens`` (its usage is read once
+    it is sent: token counts)."""
+    drop = _RESPONSE_DROP
+    headers = []
+    has_id = False
+    tokens: ResponseTokens | None = None
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower not in drop:
+            headers.append((name, value))
+            has_id = has_id or lower == _REQUEST_ID
+            if lower == _CONTENT_TYPE:
+                tokens = ResponseTokens.for_content_type(value)
+    if not has_id and exchange.request_id is not None:  # the client learns the id its request is logged under
+        headers.append((_REQUEST_ID, exchange.request_id.encode()))
+    exchange.response_tokens = tokens
+    return headers
 
 
 async def _deployment_not_found(send: Send, model: str, environment: str) -> None:
@@ -603,7 +712,9 @@ class _Exchange:
     __slots__ = ("_notify", "_timer", "backend", "client_gone", "cold_start", "finished", "finished_body",
                  "overflow", "request_bytes", "request_id", "response_tokens", "retried", "sent", "task", "watcher")
 
-    def __init__(self, scope: Scope) -> None:
+    def __init__(self, scope: Scope | None) -> None:
+        """``scope`` None: the direct path's, which has no task (yet) and is told of a client that
+        goes away by the server itself."""
         # What the execution record says (gateway/executions.py).
         self.request_id: str | None = None
         self.backend: Backend | None = None
@@ -614,16 +725,20 @@ class _Exchange:
         self.retried = False
         self.response_tokens: ResponseTokens | None = None
         self.finished_body = False  # the whole response reached the client (its tokens count)
-        self.task: asyncio.Task[Any] | None = asyncio.current_task()
         self.finished = False
         self.client_gone = False
         self.watcher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._notify: Callable[[Callable[[], None]], None] | None = None
+        if scope is None:
+            self.task: asyncio.Task[Any] | None = None
+            return
+        self.task = asyncio.current_task()
         # The gateway's own server tells when the client goes away (gateway/frontend.py); under
         # another ASGI server, a watcher task waits for http.disconnect.
         extensions = scope.get("extensions")
-        self._notify: Callable[[Callable[[], None]], None] | None = (
-            extensions.get(DISCONNECT_EXTENSION) if extensions else None)
+        if extensions:
+            self._notify = extensions.get(DISCONNECT_EXTENSION)
 
     def watch(self, receive: Receive) -> None:
         """Cancel the request's task if the client goes away (call once the request body is read).
@@ -633,11 +748,11 @@ class _Exchange:
         """
         if self._notify is not None:
             notify, self._notify = self._notify, None
-            notify(self._client_went_away)
+            notify(self.client_went_away)
         elif self.watcher is None and self._timer is None and self.task is not None:
             self._timer = asyncio.get_running_loop().call_later(WATCH_DELAY, self._start_watch, receive)
 
-    def _client_went_away(self) -> None:
+    def client_went_away(self) -> None:
         if not self.finished and self.task is not None:
             self.client_gone = True
             self.task.cancel()
@@ -651,7 +766,7 @@ class _Exchange:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                self._client_went_away()
+                self.client_went_away()
                 return
 
     def close(self) -> None:
@@ -674,6 +789,11 @@ class _RequestBody:
         self._prefix = b""
         self.more = False  # more bytes remain in `receive` after the prefix
         self.consumed = False  # bytes were taken from `receive` by a stream: not replayable
+
+    def prefill(self, body: bytes) -> None:
+        """The whole body, read already (the direct path's)."""
+        self._prefix = body
+        self.more = False
 
     async def prefetch(self, content_length: int | None, limit: int) -> None:
         if content_length is not None and content_length > limit:
@@ -744,3 +864,119 @@ class _RequestBody:
             if not message.get("more_body", False):
                 self._exchange.watch(self._receive)
                 return
+
+
+class DirectRequest(Protocol):
+    """What the direct path needs of a request (the gateway's server's, gateway/frontend.py)."""
+
+    scope: dict[str, Any]
+    body_size: int
+
+    async def receive(self) -> dict[str, Any]: ...
+
+    async def send(self, message: MutableMapping[str, Any]) -> None: ...
+
+    def take_body(self) -> bytes: ...
+
+    def respond(self, status: int, headers: Any, body: bytes) -> None: ...
+
+    def notify_disconnect(self, callback: Callable[[], None]) -> None: ...
+
+    def run(self, coro: Any) -> None: ...
+
+    @property
+    def task(self) -> asyncio.Task[None] | None: ...
+
+    def done(self) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+class _Direct:
+    """One request on the direct path: sent to its backend, waiting for the response (its listener)."""
+
+    __slots__ = ("backend", "backends", "body", "environment", "exchange", "in_flight", "key", "meter", "model",
+                 "over", "proxy", "request", "response", "started", "target")
+
+    def __init__(self, proxy: Proxy, request: DirectRequest, exchange: _Exchange, model: str, environment: str,
+                 key: str, backends: tuple[Backend, ...], target: bytes, body: bytes, backend: Backend,
+                 meter: KeyLoad | None, in_flight: LiveCount, started: float) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.exchange = exchange
+        self.model = model
+        self.environment = environment
+        self.key = key
+        self.backends = backends
+        self.target = target
+        self.body = body
+        self.backend = backend
+        self.meter = meter
+        self.in_flight = in_flight
+        self.started = started
+        self.response: UpstreamResponse | None = None
+        self.over = False  # answered, handed over, or its client gone
+
+    def _release(self) -> None:
+        url = self.backend.url
+        self.proxy.balancer.release(url)
+        if self.meter is not None:
+            self.meter.release(url, time.perf_counter())
+
+    def upstream_event(self) -> None:
+        """The response has news (ResponseListener): written whole when it is all here, else the
+        ordinary path goes on with it."""
+        response = self.response
+        if self.over or response is None:
+            return
+        if not response.complete:
+            if response.head_received or response.error is not None:
+                self.hand_over()
+            return
+        self.over = True
+        response.listener = None
+        exchange = self.exchange
+        status = 499
+        try:
+            headers = _response_headers(response, exchange)
+            body = response.take_body()
+            exchange.sent += len(body)
+            if exchange.response_tokens is not None:
+                exchange.response_tokens.feed(body)
+            self._release()
+            exchange.finished = True
+            self.request.respond(response.status, headers, body)
+            exchange.finished_body = True
+            status = response.status
+        except Exception as exc:  # as on the ordinary path: a 500 when nothing was sent, logged
+            self.request.fail(exc)
+        finally:
+            response.close()
+            self.proxy._finish(exchange, self.model, self.environment, status, self.started, self.meter,
+                               self.in_flight)
+            self.request.done()
+
+    def hand_over(self) -> None:
+        """On to the ordinary path, as the request's task (Proxy._resume)."""
+        self.over = True
+        if self.response is not None:
+            self.response.listener = None
+        request = self.request
+        request.run(self.proxy._resume(self))
+        exchange = self.exchange
+        exchange.task = request.task
+        request.notify_disconnect(exchange.client_went_away)
+
+    def client_gone(self) -> None:
+        """The client went away before its response was written (the server's disconnect callback)."""
+        if self.over:
+            return
+        self.over = True
+        exchange = self.exchange
+        exchange.client_gone = True
+        if self.response is not None:
+            self.response.listener = None
+            self.response.close()  # the backend connection is not reused
+        self._release()
+        self.proxy._finish(exchange, self.model, self.environment, 499, self.started, self.meter, self.in_flight)
+        self.request.done()

@@ -276,7 +276,10 @@ class Gateway:
             "location": self.routes.location,
             "error": self.routes.error,
             "upstream": {"parser": self.upstream.parser if self.upstream else None,
-                         "connections": self.upstream.connections if self.upstream else 0},
+                         "connections": self.upstream.connections if self.upstream else 0,
+                         # requests answered from the protocols' callbacks, and those handed to a task
+                         "direct": {"answered": self.proxy.direct_answered if self.proxy else 0,
+                                    "handed_over": self.proxy.direct_handed_over if self.proxy else 0}},
             "routes": {key: [{"url": b.url, "container": b.container, "host": b.host,
                               "outstanding": outstanding.get(b.url, 0)} for b in backends]
                        for key, backends in sorted(table.routes.items())},

@@ -83,13 +83,14 @@ class _Request:
 
     __slots__ = ("body", "body_done", "body_size", "chunked", "conn", "delivered", "disconnected", "expect", "head",
                  "head_request", "keep_alive", "length", "on_gone", "remaining", "response_complete",
-                 "response_started", "scope", "task", "waiter")
+                 "response_started", "scope", "small_body", "task", "waiter")
 
     def __init__(self, conn: ClientConnection, scope: dict[str, Any], keep_alive: bool, expect: bool) -> None:
         self.conn = conn
         self.scope = scope
         self.keep_alive = keep_alive
         self.expect = expect  # Expect: 100-continue, not answered yet
+        self.small_body = False  # a Content-Length of at most BODY_HIGH_WATER
         self.task: asyncio.Task[None] | None = None
         self.on_gone: Callable[[], None] | None = None
         self.head_request = scope["method"] == "HEAD"
@@ -134,14 +135,17 @@ class _Request:
         self.conn.body_taken()
         return body
 
-    def respond(self, status: int, headers: Any, body: bytes) -> None:
-        """The whole response at once (``http.response.start`` then its one body message)."""
+    def start(self, status: int, headers: Any) -> None:
+        """``http.response.start`` (the head is written with the first body message)."""
         if self.response_started:
             raise RuntimeError("the response has already started")
         self.response_started = True
         self.expect = False
         self._start(status, headers)
-        self._body(body, False)
+
+    def write_body(self, body: bytes, more: bool) -> bool:
+        """An ``http.response.body`` message; True when the client's side is full (see drain)."""
+        return self._body(body, more)
 
     def run(self, coro: Any) -> None:
         """Go on with ``coro`` (what the direct path hands over: retries, streamed responses) as the
@@ -300,6 +304,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._expect = False
+        self._length = b""  # the Content-Length of the request being parsed
         self._upgraded = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -331,9 +336,17 @@ class ClientConnection(asyncio.Protocol):
             self._bad_request(f"invalid HTTP request: {exc}")
         finally:
             request = self.unstarted
-            if request is not None:  # its body is still coming: the app reads it as it comes
+            if request is not None and not self._awaits_body(request):  # the app reads the body as it comes
                 self.unstarted = None
                 self._start(request)
+
+    def _awaits_body(self, request: _Request) -> bool:
+        """Whether ``request``, whose head is here, starts once its body is too (on_message_complete):
+        a small body with a Content-Length, which clients often send right after the head (the
+        proxy reads such a body whole before forwarding it anyway), and nothing that waits for
+        the app first (Expect: 100-continue) nor a connection that stopped reading."""
+        return (request.small_body and not request.expect and not request.disconnected and not self.reading_paused
+                and not self._upgraded and self._error is None and not self.closed)
 
     # eof_received: not overridden, the transport closes; a client that half-closes its side is gone
     # (as with uvicorn): its request's receive() returns http.disconnect.
@@ -354,13 +367,16 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._expect = False
+        self._length = b""
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name == b"expect" and value.lower() == b"100-continue":
+        if name == b"content-length":
+            self._length = value
+        elif name == b"expect" and value.lower() == b"100-continue":
             self._expect = True
         self._headers.append((name, value))
 
@@ -382,6 +398,8 @@ class ClientConnection(asyncio.Protocol):
             "root_path": "", "path": path, "raw_path": raw_path, "query_string": query, "headers": self._headers,
         }
         request = _Request(self, scope, parser.should_keep_alive(), self._expect)
+        length = self._length
+        request.small_body = bool(length) and length.isdigit() and int(length) <= BODY_HIGH_WATER
         scope["extensions"] = {DISCONNECT_EXTENSION: request.notify_disconnect}
         self.parsing = request
         if self.current is None:
@@ -518,10 +536,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.server.connections.discard(self)
+        waiting, self.unstarted = self.unstarted, None
         for request in (self.current, *self.pending):
             if request is not None:
                 request.gone()
         self.pending.clear()
+        if waiting is not None:  # its body never came: the app sees the client go away, as any other
+            self._start(waiting)
         self._wake_drain()
         if self.transport is not None:
             self.transport.close()

@@ -120,6 +120,9 @@ class Proxy:
         self.gateway_secret = gateway_secret  # (model, environment) -> the secret our runtimes require
         self.executions = executions if executions is not None else ExecutionRecorder(metrics)
         self.tokens = tokens if tokens is not None else TokenLedger(metrics)
+        # Requests answered on the direct path without a task, and those it handed over to one.
+        self.direct_answered = 0
+        self.direct_handed_over = 0
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -242,7 +245,7 @@ class Proxy:
             forward.response = self.upstream.send_on(conn, scope["method"].encode(), forward.target, headers, body,
                                                      forward)
         if forward.response is None:  # no connection to reuse (or the request cannot be written): the
-            forward.hand_over()       # ordinary path connects (or says why)
+            forward.hand_over(self._resume(forward))  # ordinary path connects (or says why)
         return True
 
     async def _resume(self, forward: _Direct) -> None:
@@ -267,6 +270,33 @@ class Proxy:
             status = 499
         finally:
             self._finish(exchange, model, environment, status, forward.started, forward.meter, forward.in_flight)
+
+    async def _resume_relay(self, forward: _Direct) -> None:
+        """The rest of a response that the direct path began to relay, for a client that reads it
+        slower than the backend sends it (each body message waits for the client to take it)."""
+        exchange = forward.exchange
+        response = forward.response
+        assert response is not None
+        send = forward.request.send
+        status = 499
+        try:
+            try:
+                await send(_FLUSH)  # what was written is taken first
+                await _relay_body(send, response, exchange, forward.release)
+            except UpstreamError as exc:
+                self.metrics.backend_error(forward.model, forward.environment, "stream")
+                log.warning("backend %s of %s failed mid-response: %s", forward.backend.url, forward.key, exc)
+            finally:
+                response.close()
+            status = response.status
+        except asyncio.CancelledError:
+            task = exchange.task
+            if not exchange.client_gone or task is None or task.uncancel() > 0:
+                raise
+        finally:
+            forward.release()
+            self._finish(exchange, forward.model, forward.environment, status, forward.started, forward.meter,
+                         forward.in_flight)
 
     def _record(self, exchange: _Exchange, model: str, environment: str, status: int, seconds: float) -> None:
         if exchange.finished_body and 200 <= status < 300:
@@ -584,10 +614,16 @@ async def _relay(send: Send, response: UpstreamResponse, exchange: _Exchange,
                  complete: Callable[[], None]) -> None:
     """Stream the response to the client; ``complete()`` runs once the backend sent it all."""
     headers = _response_headers(response, exchange)
-    tokens = exchange.response_tokens
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     if not response.readable:  # the backend sent its head alone: the client gets it now, not with the body
         await send(_FLUSH)
+    await _relay_body(send, response, exchange, complete)
+
+
+async def _relay_body(send: Send, response: UpstreamResponse, exchange: _Exchange,
+                      complete: Callable[[], None]) -> None:
+    """The body part of :func:`_relay`."""
+    tokens = exchange.response_tokens
     while True:
         chunk, last = await response.read()
         exchange.sent += len(chunk)
@@ -878,7 +914,9 @@ class DirectRequest(Protocol):
 
     def take_body(self) -> bytes: ...
 
-    def respond(self, status: int, headers: Any, body: bytes) -> None: ...
+    def start(self, status: int, headers: Any) -> None: ...
+
+    def write_body(self, body: bytes, more: bool) -> bool: ...
 
     def notify_disconnect(self, callback: Callable[[], None]) -> None: ...
 
@@ -893,10 +931,10 @@ class DirectRequest(Protocol):
 
 
 class _Direct:
-    """One request on the direct path: sent to its backend, waiting for the response (its listener)."""
+    """One request on the direct path: sent to its backend, relaying the response as it comes (its listener)."""
 
     __slots__ = ("backend", "backends", "body", "environment", "exchange", "in_flight", "key", "meter", "model",
-                 "over", "proxy", "request", "response", "started", "target")
+                 "over", "proxy", "released", "request", "response", "started", "streaming", "target")
 
     def __init__(self, proxy: Proxy, request: DirectRequest, exchange: _Exchange, model: str, environment: str,
                  key: str, backends: tuple[Backend, ...], target: bytes, body: bytes, backend: Backend,
@@ -915,54 +953,80 @@ class _Direct:
         self.in_flight = in_flight
         self.started = started
         self.response: UpstreamResponse | None = None
+        self.streaming = False  # the response head went to the client before the backend sent the whole body
+        self.released = False
         self.over = False  # answered, handed over, or its client gone
 
-    def _release(self) -> None:
-        url = self.backend.url
-        self.proxy.balancer.release(url)
-        if self.meter is not None:
-            self.meter.release(url, time.perf_counter())
+    def release(self) -> None:
+        """The backend sent its whole response (or is left): it no longer counts as busy with it."""
+        if not self.released:
+            self.released = True
+            url = self.backend.url
+            self.proxy.balancer.release(url)
+            if self.meter is not None:
+                self.meter.release(url, time.perf_counter())
 
     def upstream_event(self) -> None:
-        """The response has news (ResponseListener): written whole when it is all here, else the
-        ordinary path goes on with it."""
+        """The response has news (ResponseListener): relayed as it comes; what needs waiting (a
+        failure before the response, a client slower than the backend) goes on as a task."""
         response = self.response
         if self.over or response is None:
             return
-        if not response.complete:
-            if response.head_received or response.error is not None:
-                self.hand_over()
-            return
-        self.over = True
-        response.listener = None
+        request = self.request
         exchange = self.exchange
-        status = 499
         try:
-            headers = _response_headers(response, exchange)
+            if not self.streaming:
+                if not response.complete:
+                    if response.error is not None:  # nothing was sent: retried, or answered, there
+                        self.hand_over(self.proxy._resume(self))
+                        return
+                    if not response.head_received:
+                        return
+                    self.streaming = True  # the head now, as the ordinary path does, the body as it comes
+                request.start(response.status, _response_headers(response, exchange))
+            error = response.error
+            if error is not None:  # the status line is gone already: all we can do is cut the response short
+                self.proxy.metrics.backend_error(self.model, self.environment, "stream")
+                log.warning("backend %s of %s failed mid-response: %s", self.backend.url, self.key, error)
+                self._end(response.status)
+                return
             body = response.take_body()
             exchange.sent += len(body)
             if exchange.response_tokens is not None:
                 exchange.response_tokens.feed(body)
-            self._release()
-            exchange.finished = True
-            self.request.respond(response.status, headers, body)
-            exchange.finished_body = True
-            status = response.status
+            if response.complete:
+                self.release()
+                exchange.finished = True
+                request.write_body(body, False)
+                exchange.finished_body = True
+                self.proxy.direct_answered += 1
+                self._end(response.status)
+            elif request.write_body(body, True):  # the client takes less than the backend sends
+                self.hand_over(self.proxy._resume_relay(self))
         except Exception as exc:  # as on the ordinary path: a 500 when nothing was sent, logged
-            self.request.fail(exc)
-        finally:
-            response.close()
-            self.proxy._finish(exchange, self.model, self.environment, status, self.started, self.meter,
-                               self.in_flight)
-            self.request.done()
+            request.fail(exc)
+            if not self.over:
+                self._end(499)
 
-    def hand_over(self) -> None:
-        """On to the ordinary path, as the request's task (Proxy._resume)."""
+    def _end(self, status: int) -> None:
         self.over = True
+        response = self.response
+        if response is not None:
+            response.listener = None
+            response.close()  # a connection still busy with the response is not reused
+        self.release()
+        self.proxy._finish(self.exchange, self.model, self.environment, status, self.started, self.meter,
+                           self.in_flight)
+        self.request.done()
+
+    def hand_over(self, coro: Any) -> None:
+        """On to a coroutine (Proxy._resume, Proxy._resume_relay), as the request's task."""
         if self.response is not None:
             self.response.listener = None
         request = self.request
-        request.run(self.proxy._resume(self))
+        request.run(coro)
+        self.over = True
+        self.proxy.direct_handed_over += 1
         exchange = self.exchange
         exchange.task = request.task
         request.notify_disconnect(exchange.client_went_away)
@@ -971,12 +1035,5 @@ class _Direct:
         """The client went away before its response was written (the server's disconnect callback)."""
         if self.over:
             return
-        self.over = True
-        exchange = self.exchange
-        exchange.client_gone = True
-        if self.response is not None:
-            self.response.listener = None
-            self.response.close()  # the backend connection is not reused
-        self._release()
-        self.proxy._finish(exchange, self.model, self.environment, 499, self.started, self.meter, self.in_flight)
-        self.request.done()
+        self.exchange.client_gone = True
+        self._end(499)

@@ -67,6 +67,8 @@ HOLD_BODY_LIMIT = 16 << 20
 # start takes seconds), and a gateway shutting down (another one, or this one restarted, takes over).
 ACTIVATION_RETRY_AFTER = [(b"retry-after", b"5")]
 SHUTDOWN_RETRY_AFTER = [(b"retry-after", b"1")]
+# Model names in paths (without ?environment=) whose route key the direct path keeps.
+NAMES_CACHED = 4096
 # How long a request runs before the gateway starts watching for its client going away.
 WATCH_DELAY = 0.05
 
@@ -120,6 +122,7 @@ class Proxy:
         self.gateway_secret = gateway_secret  # (model, environment) -> the secret our runtimes require
         self.executions = executions if executions is not None else ExecutionRecorder(metrics)
         self.tokens = tokens if tokens is not None else TokenLedger(metrics)
+        self._names: dict[bytes, tuple[str, str, str]] = {}  # model in the path -> (model, environment, key)
         # Requests answered on the direct path without a task, and those it handed over to one.
         self.direct_answered = 0
         self.direct_handed_over = 0
@@ -198,17 +201,24 @@ class Proxy:
         """Forward a request whose body is all here from the protocols' callbacks: no task, no ASGI
         messages. Taken when nothing about the request needs waiting: the deployment has ready
         backends, no overflow endpoint and no token limit reached, the body is small enough to be
-        replayed. A response that comes whole is written at once; anything else (no idle connection
-        to the chosen backend, a failure to retry or answer, a response that streams) goes on as the
-        request's task on the ordinary path (:meth:`_resume`), where the same code decides. False:
-        nothing was done, :meth:`handle` takes the request."""
+        replayed. The response is relayed as it comes (a whole one in one write); what needs waiting
+        (no idle connection to the chosen backend, a failure to retry or answer, a client slower than
+        the backend) goes on as the request's task on the ordinary path (:meth:`_resume`,
+        :meth:`_resume_relay`), where the same code decides. False: nothing was done, :meth:`handle`
+        takes the request."""
         scope = request.scope
         started = time.perf_counter()
         raw_path: bytes = scope["raw_path"]
         model_raw, _, sub_path = raw_path[len(MODELS_PREFIX):].partition(b"/")
-        model = unquote(model_raw.decode("latin-1"))
-        environment, query = split_query(scope["query_string"])
-        key = route_key(model, environment)
+        query = scope["query_string"]
+        names = self._names.get(model_raw) if b"environment" not in query else None
+        if names is None:
+            model = unquote(model_raw.decode("latin-1"))
+            environment, query = split_query(query)
+            names = (model, environment, route_key(model, environment))
+            if environment == DEFAULT_ENVIRONMENT and len(self._names) < NAMES_CACHED:
+                self._names[model_raw] = names
+        model, environment, key = names
         table = self.routes.table
         backends = table.routes.get(key)
         if not backends or (table.overflow and key in table.overflow):

@@ -246,8 +246,10 @@ class _Request:
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
-                with contextlib.suppress(ValueError):
+                try:  # noqa: SIM105 - not contextlib.suppress: an object per response
                     length = int(value)
+                except ValueError:
+                    pass
             elif lower == b"transfer-encoding":
                 continue  # the framing is ours
             elif lower == b"connection":

@@ -18,6 +18,7 @@ import contextvars
 import functools
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -101,7 +102,26 @@ class ExecutionTextFormatter(logging.Formatter):
 
 
 def _utc(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")`` with ``Z`` for
+    ``+00:00``, the date and time of a second made once for all the lines of that second (the
+    gateway writes thousands a second): microseconds rounded half to even as datetime does."""
+    fraction, whole = math.modf(timestamp)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole += 1
+        micros -= 1_000_000
+    elif micros < 0:
+        whole -= 1
+        micros += 1_000_000
+    second = int(whole)
+    cached = _utc_second
+    if cached[0] != second:
+        cached = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        globals()["_utc_second"] = cached  # one tuple swapped whole: safe from any thread
+    return f"{cached[1]}.{micros // 1000:03d}Z"
+
+
+_utc_second: tuple[int | None, str] = (None, "")
 
 
 class ExecutionHandler(logging.StreamHandler):

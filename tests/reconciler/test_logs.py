@@ -194,3 +194,20 @@ def test_the_gateway_writes_a_batch_of_execution_lines_at_once() -> None:
             assert (data["logger"], data["request_id"], data["retry"], data["gateway"]) == \
                 ("modelfleet.executions", "id2", True, "g")
     logs.setup_logging("text")
+
+
+def test_execution_times_are_datetimes_isoformat_to_the_millisecond() -> None:
+    from datetime import UTC, datetime
+
+    from modelfleet.reconciler.logs import _utc
+
+    def expected(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    # Lines of one second share its date and time; the rounding to microseconds carries over seconds
+    # (and over midnight, new year) as datetime's does.
+    moments = [1764786000 + n / 997 for n in range(3000)]
+    moments += [s + f for s in (1767225599.0, 1764786000.0, 0.0, 951782399.0)
+                for f in (0.0, 0.0005, 0.0004999, 0.9994999, 0.9995, 0.9999994999, 0.9999995, 0.9999996)]
+    for t in moments:
+        assert _utc(t) == expected(t), t

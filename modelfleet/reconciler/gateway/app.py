@@ -31,7 +31,7 @@ from modelfleet.reconciler.gateway.metrics import CONTENT_TYPE as METRICS_CONTEN
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.overflow import OverflowRouter
 from modelfleet.reconciler.gateway.pool import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, UpstreamPool
-from modelfleet.reconciler.gateway.proxy import HOLD_BODY_LIMIT, RETRY_BUFFER_LIMIT, Proxy
+from modelfleet.reconciler.gateway.proxy import HOLD_BODY_LIMIT, RETRY_BUFFER_LIMIT, DirectRequest, Proxy
 from modelfleet.reconciler.gateway.remote_routes import RemoteRouteFeed
 from modelfleet.reconciler.gateway.responses import send_error, send_json
 from modelfleet.reconciler.gateway.routes import RouteTable, route_key
@@ -220,6 +220,19 @@ class Gateway:
         elif kind == "websocket":
             await send({"type": "websocket.close", "code": 1003})
 
+    def direct(self, request: DirectRequest) -> bool:
+        """The gateway's server offers each request whose body is all here: True when the proxy
+        forwards it without a task (Proxy.direct); False: the server calls the app as usual."""
+        proxy = self.proxy
+        if proxy is None:
+            return False
+        scope = request.scope
+        if not scope["path"].startswith("/models/"):
+            return False
+        if self._token is not None and not self._authorized(scope):
+            return False
+        return proxy.direct(request)
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -263,7 +276,10 @@ class Gateway:
             "location": self.routes.location,
             "error": self.routes.error,
             "upstream": {"parser": self.upstream.parser if self.upstream else None,
-                         "connections": self.upstream.connections if self.upstream else 0},
+                         "connections": self.upstream.connections if self.upstream else 0,
+                         # requests answered from the protocols' callbacks, and those handed to a task
+                         "direct": {"answered": self.proxy.direct_answered if self.proxy else 0,
+                                    "handed_over": self.proxy.direct_handed_over if self.proxy else 0}},
             "routes": {key: [{"url": b.url, "container": b.container, "host": b.host,
                               "outstanding": outstanding.get(b.url, 0)} for b in backends]
                        for key, backends in sorted(table.routes.items())},

@@ -61,6 +61,11 @@ class ConnectionOwner(Protocol):
     def release(self, conn: UpstreamConnection) -> None: ...
 
 
+class ResponseListener(Protocol):
+    def upstream_event(self) -> None:
+        """The response has news: its head, body bytes, its end, or a failure."""
+
+
 class UpstreamResponse:
     """A backend's response: status and headers, then the body with :meth:`read`."""
 
@@ -70,6 +75,7 @@ class UpstreamResponse:
         "_conn",
         "_error",
         "_loop",
+        "_scheduled",
         "_timeout",
         "_waiter",
         "_waiting",
@@ -77,6 +83,7 @@ class UpstreamResponse:
         "head_received",
         "headers",
         "last_activity",
+        "listener",
         "received",
         "status",
     )
@@ -99,6 +106,10 @@ class UpstreamResponse:
         self.last_activity = loop.time()
         self._waiting = waiting
         waiting.add(self)
+        # Told (listener.upstream_event(), once the data at hand is parsed) instead of a coroutine
+        # waiting: the proxy's direct path (see Proxy.direct).
+        self.listener: ResponseListener | None = None
+        self._scheduled = False
 
     # fed by the connection
     def set_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -162,6 +173,18 @@ class UpstreamResponse:
             self._waiter = self._loop.create_future()
             await self._waiter
 
+    def take_body(self) -> bytes:
+        """All the body bytes buffered (the whole body, once ``complete``)."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if self._buffered > RESPONSE_BUFFER_HIGH and self._conn is not None:
+            self._conn.resume_reading()
+        self._buffered = 0
+        return body
+
     def close(self) -> None:
         """Done with the response: a connection still busy with it cannot be reused."""
         self._stop_timer()
@@ -173,6 +196,16 @@ class UpstreamResponse:
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
         wake(waiter)
+        if self.listener is not None and not self._scheduled:
+            # After what the backend sent is parsed whole (a head and its body are mostly one read).
+            self._scheduled = True
+            self._loop.call_soon(self._tell)
+
+    def _tell(self) -> None:
+        self._scheduled = False
+        listener = self.listener
+        if listener is not None:
+            listener.upstream_event()
 
     def _stop_timer(self) -> None:
         self._waiting.discard(self)

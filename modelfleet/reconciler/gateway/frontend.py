@@ -83,13 +83,14 @@ class _Request:
 
     __slots__ = ("body", "body_done", "body_size", "chunked", "conn", "delivered", "disconnected", "expect", "head",
                  "head_request", "keep_alive", "length", "on_gone", "remaining", "response_complete",
-                 "response_started", "scope", "task", "waiter")
+                 "response_started", "scope", "small_body", "task", "waiter")
 
     def __init__(self, conn: ClientConnection, scope: dict[str, Any], keep_alive: bool, expect: bool) -> None:
         self.conn = conn
         self.scope = scope
         self.keep_alive = keep_alive
         self.expect = expect  # Expect: 100-continue, not answered yet
+        self.small_body = False  # a Content-Length of at most BODY_HIGH_WATER
         self.task: asyncio.Task[None] | None = None
         self.on_gone: Callable[[], None] | None = None
         self.head_request = scope["method"] == "HEAD"
@@ -121,6 +122,43 @@ class _Request:
     def wake(self) -> None:
         waiter, self.waiter = self.waiter, None
         wake(waiter)
+
+    # -- the direct path (the app's ``direct``): no ASGI messages, no task -----------------------
+
+    def take_body(self) -> bytes:
+        """The whole body (call once it was parsed: ``body_done``), as ``receive`` would have given it."""
+        chunks = self.body
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.body = []
+        self.body_size = 0
+        self.delivered = True
+        self.conn.body_taken()
+        return body
+
+    def start(self, status: int, headers: Any) -> None:
+        """``http.response.start`` (the head is written with the first body message)."""
+        if self.response_started:
+            raise RuntimeError("the response has already started")
+        self.response_started = True
+        self.expect = False
+        self._start(status, headers)
+
+    def write_body(self, body: bytes, more: bool) -> bool:
+        """An ``http.response.body`` message; True when the client's side is full (see drain)."""
+        return self._body(body, more)
+
+    def run(self, coro: Any) -> None:
+        """Go on with ``coro`` (what the direct path hands over: retries, streamed responses) as the
+        request's task, as if the app had been called as a coroutine."""
+        self.task = self.conn.loop.create_task(self.conn.serve_coroutine(self, coro))
+
+    def done(self) -> None:
+        """The direct path is through with the request (its response written whole, or its client gone)."""
+        self.conn.direct_done(self)
+
+    def fail(self, exc: BaseException) -> None:
+        """The direct path failed: as an app that raised (a 500 when nothing was sent, logged)."""
+        self.conn._failed(self, exc)
 
     async def receive(self) -> dict[str, Any]:
         conn = self.conn
@@ -160,43 +198,46 @@ class _Request:
                 raise RuntimeError("a response body before its start")
             if self.response_complete:
                 raise RuntimeError("the response is already complete")
-            body: bytes = message.get("body", b"")
-            more: bool = message.get("more_body", False)
-            conn = self.conn
-            if self.disconnected:
-                if not more:
-                    self.response_complete = True
-                return
-            if self.head_request or self.length == 0:
-                body = b""
-            elif self.length is not None:
-                if len(body) > self.remaining:
-                    raise RuntimeError("response content longer than its Content-Length")
-                self.remaining -= len(body)
-            head = self.head
-            if self.chunked:
-                out = [head] if head is not None else []
-                if body:
-                    out += (b"%x\r\n" % len(body), body, b"\r\n")
-                if not more:
-                    out.append(_LAST_CHUNK)
-                data = b"".join(out)
-            elif head is not None:
-                data = head + body if body else head
-            else:
-                data = body
-            self.head = None
-            if data:
-                conn.write(data)
-            if not more:
-                self.response_complete = True
-                if self.length is not None and self.remaining:
-                    self.keep_alive = False  # the client waits for bytes that will not come: end it
-                conn.response_complete(self)
-            elif conn.write_paused:
-                await conn.drain()
+            if self._body(message.get("body", b""), message.get("more_body", False)):
+                await self.conn.drain()
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
+
+    def _body(self, body: bytes, more: bool) -> bool:
+        """Write a body message; True when the client's side is full (the caller waits for drain())."""
+        conn = self.conn
+        if self.disconnected:
+            if not more:
+                self.response_complete = True
+            return False
+        if self.head_request or self.length == 0:
+            body = b""
+        elif self.length is not None:
+            if len(body) > self.remaining:
+                raise RuntimeError("response content longer than its Content-Length")
+            self.remaining -= len(body)
+        head = self.head
+        if self.chunked:
+            out = [head] if head is not None else []
+            if body:
+                out += (b"%x\r\n" % len(body), body, b"\r\n")
+            if not more:
+                out.append(_LAST_CHUNK)
+            data = b"".join(out)
+        elif head is not None:
+            data = head + body if body else head
+        else:
+            data = body
+        self.head = None
+        if data:
+            conn.write(data)
+        if not more:
+            self.response_complete = True
+            if self.length is not None and self.remaining:
+                self.keep_alive = False  # the client waits for bytes that will not come: end it
+            conn.response_complete(self)
+            return False
+        return conn.write_paused
 
     def _start(self, status: int, headers: Any) -> None:
         parts = [_status_line(status)]
@@ -205,8 +246,10 @@ class _Request:
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
-                with contextlib.suppress(ValueError):
+                try:  # noqa: SIM105 - not contextlib.suppress: an object per response
                     length = int(value)
+                except ValueError:
+                    pass
             elif lower == b"transfer-encoding":
                 continue  # the framing is ours
             elif lower == b"connection":
@@ -242,12 +285,16 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.loop = server.loop
         self.app = server.app
+        # The app's way to answer a request whose body is all here without a task (Gateway.direct):
+        # direct(request) -> True when it took the request.
+        self.direct: Callable[[_Request], bool] | None = getattr(server.app, "direct", None)
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
         self.current: _Request | None = None  # being answered
         self.parsing: _Request | None = None  # whose body is being parsed
+        self.unstarted: _Request | None = None  # the current request, started once its body is here (or not yet)
         self.pending: deque[_Request] = deque()  # pipelined, waiting for their turn
         self.closing = False
         self.closed = False
@@ -259,6 +306,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._expect = False
+        self._length = b""  # the Content-Length of the request being parsed
         self._upgraded = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -288,6 +336,19 @@ class ClientConnection(asyncio.Protocol):
             self._stop_reading()
         except httptools.HttpParserError as exc:
             self._bad_request(f"invalid HTTP request: {exc}")
+        finally:
+            request = self.unstarted
+            if request is not None and not self._awaits_body(request):  # the app reads the body as it comes
+                self.unstarted = None
+                self._start(request)
+
+    def _awaits_body(self, request: _Request) -> bool:
+        """Whether ``request``, whose head is here, starts once its body is too (on_message_complete):
+        a small body with a Content-Length, which clients often send right after the head (the
+        proxy reads such a body whole before forwarding it anyway), and nothing that waits for
+        the app first (Expect: 100-continue) nor a connection that stopped reading."""
+        return (request.small_body and not request.expect and not request.disconnected and not self.reading_paused
+                and not self._upgraded and self._error is None and not self.closed)
 
     # eof_received: not overridden, the transport closes; a client that half-closes its side is gone
     # (as with uvicorn): its request's receive() returns http.disconnect.
@@ -308,13 +369,16 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._expect = False
+        self._length = b""
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name == b"expect" and value.lower() == b"100-continue":
+        if name == b"content-length":
+            self._length = value
+        elif name == b"expect" and value.lower() == b"100-continue":
             self._expect = True
         self._headers.append((name, value))
 
@@ -336,10 +400,13 @@ class ClientConnection(asyncio.Protocol):
             "root_path": "", "path": path, "raw_path": raw_path, "query_string": query, "headers": self._headers,
         }
         request = _Request(self, scope, parser.should_keep_alive(), self._expect)
+        length = self._length
+        request.small_body = bool(length) and length.isdigit() and int(length) <= BODY_HIGH_WATER
         scope["extensions"] = {DISCONNECT_EXTENSION: request.notify_disconnect}
         self.parsing = request
         if self.current is None:
-            self._run(request)
+            self.current = request
+            self.unstarted = request  # started at the end of its message, or of the data received
         else:
             self.pending.append(request)
             if len(self.pending) >= PIPELINE_LIMIT:
@@ -360,27 +427,57 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         if request is not None:
             request.body_done = True
-            request.wake()
+            if request is self.unstarted:
+                self.unstarted = None
+                self._start(request)
+            else:
+                request.wake()
 
     # -- requests --------------------------------------------------------------------------------
 
     def _run(self, request: _Request) -> None:
         self.current = request
-        self.server.in_flight += 1
-        request.task = self.loop.create_task(self._serve(request))
+        self._start(request)
 
-    async def _serve(self, request: _Request) -> None:
-        try:
-            await self.app(request.scope, request.receive, request.send)
-        except (Exception, asyncio.CancelledError) as exc:
-            if not isinstance(exc, asyncio.CancelledError):
-                log.error("exception in the gateway serving %s %s", request.scope["method"], request.scope["path"],
-                          exc_info=exc)
-            if not request.response_started and not request.disconnected:
-                self.write(_json_error(500, "InternalError", "the gateway failed to answer; see its log"))
+    def _start(self, request: _Request) -> None:
+        self.server.in_flight += 1
+        if request.body_done and self.direct is not None and not request.disconnected:
+            try:
+                if self.direct(request):
+                    return
+            except Exception as exc:  # as a failed coroutine would be: a 500, logged
+                self._failed(request, exc)
+                self.direct_done(request)
+                return
+        request.task = self.loop.create_task(
+            self.serve_coroutine(request, self.app(request.scope, request.receive, request.send)))
+
+    def direct_done(self, request: _Request) -> None:
+        """The app's direct path is through with ``request`` (see _Request.done)."""
+        if not request.response_complete:  # its client went away
             request.keep_alive = False
             request.response_complete = True
             self.response_complete(request)
+        self.server.in_flight -= 1
+        if self.server.in_flight == 0:
+            self.server.idle()
+
+    def _failed(self, request: _Request, exc: BaseException) -> None:
+        if not isinstance(exc, asyncio.CancelledError):
+            log.error("exception in the gateway serving %s %s", request.scope["method"], request.scope["path"],
+                      exc_info=exc)
+        if not request.response_started and not request.disconnected:
+            self.write(_json_error(500, "InternalError", "the gateway failed to answer; see its log"))
+        request.keep_alive = False
+        request.response_complete = True
+        self.response_complete(request)
+
+    async def serve_coroutine(self, request: _Request, coro: Any) -> None:
+        """Run the app's coroutine for ``request``: a failure is a 500 (when nothing was sent yet)."""
+        try:
+            await coro
+        except (Exception, asyncio.CancelledError) as exc:
+            self._failed(request, exc)
         else:
             if not request.response_complete:
                 if not request.response_started and not request.disconnected:
@@ -441,10 +538,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.server.connections.discard(self)
+        waiting, self.unstarted = self.unstarted, None
         for request in (self.current, *self.pending):
             if request is not None:
                 request.gone()
         self.pending.clear()
+        if waiting is not None:  # its body never came: the app sees the client go away, as any other
+            self._start(waiting)
         self._wake_drain()
         if self.transport is not None:
             self.transport.close()

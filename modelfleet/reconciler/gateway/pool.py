@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from modelfleet.reconciler.gateway.codecs import LocalProtocolError, codec_factory
 from modelfleet.reconciler.gateway.connections import (
+    ResponseListener,
     Target,
     UpstreamConnection,
     UpstreamError,
@@ -97,6 +98,34 @@ class UpstreamPool:
         except BaseException:
             response.close()
             raise
+        return response
+
+    def take(self, url: str) -> UpstreamConnection | None:
+        """An idle kept-alive connection to the backend at ``url``, or None (see :meth:`send_on`)."""
+        dest = self._targets.get(url)
+        if dest is None:
+            dest = self._targets[url] = Target(url)
+        return self._take_idle(dest)
+
+    def send_on(self, conn: UpstreamConnection, method: bytes, target: bytes,
+                headers: list[tuple[bytes, bytes]], body: bytes, listener: ResponseListener) -> UpstreamResponse | None:
+        """Send a request whose body is all here on ``conn`` (from :meth:`take`) without waiting: the
+        response tells ``listener`` of its progress. None (nothing sent, ``conn`` closed) when the
+        request cannot be written (:meth:`request` says why)."""
+        codec = conn.codec
+        try:
+            head = codec.head(method, target, conn.target.host_header, headers, len(body))
+            data = b"".join((head, codec.data(body), codec.end())) if body else head + codec.end()
+        except LocalProtocolError:
+            conn.close()
+            return None
+        response = UpstreamResponse(conn, self.loop, self.read_timeout, self._waiting)
+        response.listener = listener
+        if self._checker is None:
+            self._checker = self.loop.call_later(self._check_every, self._check_timeouts)
+        conn.response = response
+        conn.write(data)
+        conn.request_sent = True
         return response
 
     def _take_idle(self, dest: Target) -> UpstreamConnection | None:

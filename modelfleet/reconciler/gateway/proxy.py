@@ -28,11 +28,10 @@ tests one empty dictionary more.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from typing import Any, Protocol
 from urllib.parse import unquote, unquote_plus
 
 from starlette.types import Receive, Scope, Send
@@ -44,7 +43,7 @@ from modelfleet.reconciler.gateway.executions import ExecutionRecorder
 from modelfleet.reconciler.gateway.follower import TableFeed
 from modelfleet.reconciler.gateway.frontend import DISCONNECT_EXTENSION
 from modelfleet.reconciler.gateway.load import KeyLoad, LoadMeter
-from modelfleet.reconciler.gateway.metrics import GatewayMetrics
+from modelfleet.reconciler.gateway.metrics import GatewayMetrics, LiveCount
 from modelfleet.reconciler.gateway.overflow import FAILOVER, EndpointState, OverflowRouter
 from modelfleet.reconciler.gateway.pool import UpstreamPool
 from modelfleet.reconciler.gateway.responses import send_error, send_json
@@ -67,6 +66,8 @@ HOLD_BODY_LIMIT = 16 << 20
 # start takes seconds), and a gateway shutting down (another one, or this one restarted, takes over).
 ACTIVATION_RETRY_AFTER = [(b"retry-after", b"5")]
 SHUTDOWN_RETRY_AFTER = [(b"retry-after", b"1")]
+# Model names in paths (without ?environment=) whose route key the direct path keeps.
+NAMES_CACHED = 4096
 # How long a request runs before the gateway starts watching for its client going away.
 WATCH_DELAY = 0.05
 
@@ -120,6 +121,10 @@ class Proxy:
         self.gateway_secret = gateway_secret  # (model, environment) -> the secret our runtimes require
         self.executions = executions if executions is not None else ExecutionRecorder(metrics)
         self.tokens = tokens if tokens is not None else TokenLedger(metrics)
+        self._names: dict[bytes, tuple[str, str, str]] = {}  # model in the path -> (model, environment, key)
+        # Requests answered on the direct path without a task, and those it handed over to one.
+        self.direct_answered = 0
+        self.direct_handed_over = 0
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -176,13 +181,131 @@ class Proxy:
                 raise
             status = 499
         finally:
-            exchange.close()
-            in_flight.dec()
-            ended = time.perf_counter()
-            if meter is not None:
-                meter.leave(ended)
-            self.metrics.observe(model, environment, status, ended - started)
-            self._record(exchange, model, environment, status, ended - started)
+            self._finish(exchange, model, environment, status, started, meter, in_flight)
+
+    def _finish(self, exchange: _Exchange, model: str, environment: str, status: int, started: float,
+                meter: KeyLoad | None, in_flight: LiveCount) -> None:
+        """A forwarded request is over: its metrics and its execution record."""
+        exchange.close()
+        in_flight.dec()
+        ended = time.perf_counter()
+        if meter is not None:
+            meter.leave(ended)
+        self.metrics.observe(model, environment, status, ended - started)
+        self._record(exchange, model, environment, status, ended - started)
+
+    # -- the direct path -------------------------------------------------------------------------
+
+    def direct(self, request: DirectRequest) -> bool:
+        """Forward a request whose body is all here from the protocols' callbacks: no task, no ASGI
+        messages. Taken when nothing about the request needs waiting: the deployment has ready
+        backends, no overflow endpoint and no token limit reached, the body is small enough to be
+        replayed. The response is relayed as it comes (a whole one in one write); what needs waiting
+        (no idle connection to the chosen backend, a failure to retry or answer, a client slower than
+        the backend) goes on as the request's task on the ordinary path (:meth:`_resume`,
+        :meth:`_resume_relay`), where the same code decides. False: nothing was done, :meth:`handle`
+        takes the request."""
+        scope = request.scope
+        started = time.perf_counter()
+        raw_path: bytes = scope["raw_path"]
+        model_raw, _, sub_path = raw_path[len(MODELS_PREFIX):].partition(b"/")
+        query = scope["query_string"]
+        names = self._names.get(model_raw) if b"environment" not in query else None
+        if names is None:
+            model = unquote(model_raw.decode("latin-1"))
+            environment, query = split_query(query)
+            names = (model, environment, route_key(model, environment))
+            if environment == DEFAULT_ENVIRONMENT and len(self._names) < NAMES_CACHED:
+                self._names[model_raw] = names
+        model, environment, key = names
+        table = self.routes.table
+        backends = table.routes.get(key)
+        if not backends or (table.overflow and key in table.overflow):
+            return False
+        if table.tokens:
+            limits = table.tokens.get(key)
+            if limits is not None and self.tokens.verdict(key, limits) is not None:
+                return False  # the 429
+        if request.body_size > self.retry_buffer_limit:
+            return False
+        backend = self.balancer.pick(key, backends, None)
+        url = backend.url
+        exchange = _Exchange(None)
+        headers, _ = self._request_headers(scope, exchange)  # the body is all here: len(body) is its length
+        secret = self.gateway_secret(model, environment) if self.gateway_secret is not None else None
+        if secret is not None:
+            headers.append((_SECRET_HEADER, secret.encode()))
+        body = request.take_body()
+        meter = self._meters.get(key)
+        if meter is not None:
+            meter.arrive(started)
+        in_flight = self.metrics.in_flight_of(model, environment)
+        in_flight.inc()
+        exchange.backend = backend
+        self.balancer.acquire(url)
+        if meter is not None:
+            meter.acquire(url, time.perf_counter())
+        forward = _Direct(self, request, exchange, model, environment, key, backends,
+                          b"/" + sub_path + (b"?" + query if query else b""), body, backend, meter, in_flight,
+                          started)
+        request.notify_disconnect(forward.client_gone)
+        conn = self.upstream.take(url)
+        if conn is not None:
+            forward.response = self.upstream.send_on(conn, scope["method"].encode(), forward.target, headers, body,
+                                                     forward)
+        if forward.response is None:  # no connection to reuse (or the request cannot be written): the
+            forward.hand_over(self._resume(forward))  # ordinary path connects (or says why)
+        return True
+
+    async def _resume(self, forward: _Direct) -> None:
+        """The ordinary path from where the direct one stopped: the request was sent (or could not
+        be) to ``forward.backend``; its response failed, or streams."""
+        exchange = forward.exchange
+        model, environment = forward.model, forward.environment
+        request = forward.request
+        body = _RequestBody(request.receive, exchange)
+        body.prefill(forward.body)
+        status = 499
+        try:
+            status = await self._exchange(request.scope, request.receive, request.send, exchange, model, environment,
+                                          forward.key, forward.backends, forward.target, None, forward.meter,
+                                          forward.started, body, (forward.backend, forward.response))
+        except _ClientGone:
+            status = 499
+        except asyncio.CancelledError:
+            task = exchange.task
+            if not exchange.client_gone or task is None or task.uncancel() > 0:
+                raise
+            status = 499
+        finally:
+            self._finish(exchange, model, environment, status, forward.started, forward.meter, forward.in_flight)
+
+    async def _resume_relay(self, forward: _Direct) -> None:
+        """The rest of a response that the direct path began to relay, for a client that reads it
+        slower than the backend sends it (each body message waits for the client to take it)."""
+        exchange = forward.exchange
+        response = forward.response
+        assert response is not None
+        send = forward.request.send
+        status = 499
+        try:
+            try:
+                await send(_FLUSH)  # what was written is taken first
+                await _relay_body(send, response, exchange, forward.release)
+            except UpstreamError as exc:
+                self.metrics.backend_error(forward.model, forward.environment, "stream")
+                log.warning("backend %s of %s failed mid-response: %s", forward.backend.url, forward.key, exc)
+            finally:
+                response.close()
+            status = response.status
+        except asyncio.CancelledError:
+            task = exchange.task
+            if not exchange.client_gone or task is None or task.uncancel() > 0:
+                raise
+        finally:
+            forward.release()
+            self._finish(exchange, forward.model, forward.environment, status, forward.started, forward.meter,
+                         forward.in_flight)
 
     def _record(self, exchange: _Exchange, model: str, environment: str, status: int, seconds: float) -> None:
         if exchange.finished_body and 200 <= status < 300:
@@ -329,11 +452,14 @@ class Proxy:
     async def _exchange(self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange, model: str,
                         environment: str, key: str, backends: tuple[Backend, ...], target: bytes,
                         activation: Activation | None, meter: KeyLoad | None, started: float,
-                        body: _RequestBody | None = None) -> int:
+                        body: _RequestBody | None = None,
+                        sent: tuple[Backend, UpstreamResponse | None] | None = None) -> int:
         """Forward the request; returns the status code sent to the client.
 
         ``activation``: set when the deployment has no backend yet: the request is held first.
         ``body``: the request body, already read whole (a failover from an overflow endpoint).
+        ``sent``: the backend of the first attempt, picked and acquired by the direct path, and the
+        response to the request it sent there (None: it could not write it).
         """
         upstream = self.upstream
         headers, content_length = self._request_headers(scope, exchange)
@@ -381,12 +507,18 @@ class Proxy:
                     retry_backends = held
                     exchange.cold_start = True
                 backends = retry_backends
-            backend = balancer.pick(key, backends, avoid)
-            exchange.backend = backend
-            url = backend.url
-            balancer.acquire(url)
-            if meter is not None:
-                meter.acquire(url, time.perf_counter())
+            first: UpstreamResponse | None = None
+            if sent is not None:
+                backend, first = sent
+                sent = None
+                url = backend.url
+            else:
+                backend = balancer.pick(key, backends, avoid)
+                exchange.backend = backend
+                url = backend.url
+                balancer.acquire(url)
+                if meter is not None:
+                    meter.acquire(url, time.perf_counter())
             released = False
 
             def release() -> None:
@@ -399,8 +531,16 @@ class Proxy:
 
             try:
                 try:
-                    response = await upstream.request(url, method, target, headers, body.content(),
-                                                      content_length)
+                    if first is not None:
+                        response = first
+                        try:
+                            await response.wait_head()
+                        except BaseException:
+                            response.close()
+                            raise
+                    else:
+                        response = await upstream.request(url, method, target, headers, body.content(),
+                                                          content_length)
                 except UpstreamError as exc:
                     self.metrics.backend_error(model, environment, exc.kind)
                     if exc.retryable and attempt == 0 and body.replayable:
@@ -482,23 +622,17 @@ class Proxy:
 async def _relay(send: Send, response: UpstreamResponse, exchange: _Exchange,
                  complete: Callable[[], None]) -> None:
     """Stream the response to the client; ``complete()`` runs once the backend sent it all."""
-    drop = _RESPONSE_DROP
-    headers = []
-    has_id = False
-    tokens: ResponseTokens | None = None
-    for name, value in response.headers:
-        lower = name.lower()
-        if lower not in drop:
-            headers.append((name, value))
-            has_id = has_id or lower == _REQUEST_ID
-            if lower == _CONTENT_TYPE:
-                tokens = ResponseTokens.for_content_type(value)
-    if not has_id and exchange.request_id is not None:  # the client learns the id its request is logged under
-        headers.append((_REQUEST_ID, exchange.request_id.encode()))
-    exchange.response_tokens = tokens  # its usage is read once it is sent (token counts)
+    headers = _response_headers(response, exchange)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     if not response.readable:  # the backend sent its head alone: the client gets it now, not with the body
         await send(_FLUSH)
+    await _relay_body(send, response, exchange, complete)
+
+
+async def _relay_body(send: Send, response: UpstreamResponse, exchange: _Exchange,
+                      complete: Callable[[], None]) -> None:
+    """The body part of :func:`_relay`."""
+    tokens = exchange.response_tokens
     while True:
         chunk, last = await response.read()
         exchange.sent += len(chunk)
@@ -512,6 +646,26 @@ async def _relay(send: Send, response: UpstreamResponse, exchange: _Exchange,
             return
         if chunk:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+def _response_headers(response: UpstreamResponse, exchange: _Exchange) -> list[tuple[bytes, bytes]]:
+    """The response headers for the client; sets ``exchange.response_tokens`` (its usage is read once
+    it is sent: token counts)."""
+    drop = _RESPONSE_DROP
+    headers = []
+    has_id = False
+    tokens: ResponseTokens | None = None
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower not in drop:
+            headers.append((name, value))
+            has_id = has_id or lower == _REQUEST_ID
+            if lower == _CONTENT_TYPE:
+                tokens = ResponseTokens.for_content_type(value)
+    if not has_id and exchange.request_id is not None:  # the client learns the id its request is logged under
+        headers.append((_REQUEST_ID, exchange.request_id.encode()))
+    exchange.response_tokens = tokens
+    return headers
 
 
 async def _deployment_not_found(send: Send, model: str, environment: str) -> None:
@@ -571,8 +725,10 @@ def forward_headers(scope: Scope, strip_authorization: bool
             elif name == b"transfer-encoding":
                 chunked = True
             elif name == b"content-length":
-                with contextlib.suppress(ValueError):
+                try:  # noqa: SIM105 - not contextlib.suppress: an object per request
                     content_length = int(value)
+                except ValueError:
+                    pass
             elif name == _REQUEST_ID:
                 request_id = value
             continue
@@ -603,7 +759,9 @@ class _Exchange:
     __slots__ = ("_notify", "_timer", "backend", "client_gone", "cold_start", "finished", "finished_body",
                  "overflow", "request_bytes", "request_id", "response_tokens", "retried", "sent", "task", "watcher")
 
-    def __init__(self, scope: Scope) -> None:
+    def __init__(self, scope: Scope | None) -> None:
+        """``scope`` None: the direct path's, which has no task (yet) and is told of a client that
+        goes away by the server itself."""
         # What the execution record says (gateway/executions.py).
         self.request_id: str | None = None
         self.backend: Backend | None = None
@@ -614,16 +772,20 @@ class _Exchange:
         self.retried = False
         self.response_tokens: ResponseTokens | None = None
         self.finished_body = False  # the whole response reached the client (its tokens count)
-        self.task: asyncio.Task[Any] | None = asyncio.current_task()
         self.finished = False
         self.client_gone = False
         self.watcher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._notify: Callable[[Callable[[], None]], None] | None = None
+        if scope is None:
+            self.task: asyncio.Task[Any] | None = None
+            return
+        self.task = asyncio.current_task()
         # The gateway's own server tells when the client goes away (gateway/frontend.py); under
         # another ASGI server, a watcher task waits for http.disconnect.
         extensions = scope.get("extensions")
-        self._notify: Callable[[Callable[[], None]], None] | None = (
-            extensions.get(DISCONNECT_EXTENSION) if extensions else None)
+        if extensions:
+            self._notify = extensions.get(DISCONNECT_EXTENSION)
 
     def watch(self, receive: Receive) -> None:
         """Cancel the request's task if the client goes away (call once the request body is read).
@@ -633,11 +795,11 @@ class _Exchange:
         """
         if self._notify is not None:
             notify, self._notify = self._notify, None
-            notify(self._client_went_away)
+            notify(self.client_went_away)
         elif self.watcher is None and self._timer is None and self.task is not None:
             self._timer = asyncio.get_running_loop().call_later(WATCH_DELAY, self._start_watch, receive)
 
-    def _client_went_away(self) -> None:
+    def client_went_away(self) -> None:
         if not self.finished and self.task is not None:
             self.client_gone = True
             self.task.cancel()
@@ -651,7 +813,7 @@ class _Exchange:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                self._client_went_away()
+                self.client_went_away()
                 return
 
     def close(self) -> None:
@@ -674,6 +836,11 @@ class _RequestBody:
         self._prefix = b""
         self.more = False  # more bytes remain in `receive` after the prefix
         self.consumed = False  # bytes were taken from `receive` by a stream: not replayable
+
+    def prefill(self, body: bytes) -> None:
+        """The whole body, read already (the direct path's)."""
+        self._prefix = body
+        self.more = False
 
     async def prefetch(self, content_length: int | None, limit: int) -> None:
         if content_length is not None and content_length > limit:
@@ -744,3 +911,140 @@ class _RequestBody:
             if not message.get("more_body", False):
                 self._exchange.watch(self._receive)
                 return
+
+
+class DirectRequest(Protocol):
+    """What the direct path needs of a request (the gateway's server's, gateway/frontend.py)."""
+
+    scope: dict[str, Any]
+    body_size: int
+
+    async def receive(self) -> dict[str, Any]: ...
+
+    async def send(self, message: MutableMapping[str, Any]) -> None: ...
+
+    def take_body(self) -> bytes: ...
+
+    def start(self, status: int, headers: Any) -> None: ...
+
+    def write_body(self, body: bytes, more: bool) -> bool: ...
+
+    def notify_disconnect(self, callback: Callable[[], None]) -> None: ...
+
+    def run(self, coro: Any) -> None: ...
+
+    @property
+    def task(self) -> asyncio.Task[None] | None: ...
+
+    def done(self) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+class _Direct:
+    """One request on the direct path: sent to its backend, relaying the response as it comes (its listener)."""
+
+    __slots__ = ("backend", "backends", "body", "environment", "exchange", "in_flight", "key", "meter", "model",
+                 "over", "proxy", "released", "request", "response", "started", "streaming", "target")
+
+    def __init__(self, proxy: Proxy, request: DirectRequest, exchange: _Exchange, model: str, environment: str,
+                 key: str, backends: tuple[Backend, ...], target: bytes, body: bytes, backend: Backend,
+                 meter: KeyLoad | None, in_flight: LiveCount, started: float) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.exchange = exchange
+        self.model = model
+        self.environment = environment
+        self.key = key
+        self.backends = backends
+        self.target = target
+        self.body = body
+        self.backend = backend
+        self.meter = meter
+        self.in_flight = in_flight
+        self.started = started
+        self.response: UpstreamResponse | None = None
+        self.streaming = False  # the response head went to the client before the backend sent the whole body
+        self.released = False
+        self.over = False  # answered, handed over, or its client gone
+
+    def release(self) -> None:
+        """The backend sent its whole response (or is left): it no longer counts as busy with it."""
+        if not self.released:
+            self.released = True
+            url = self.backend.url
+            self.proxy.balancer.release(url)
+            if self.meter is not None:
+                self.meter.release(url, time.perf_counter())
+
+    def upstream_event(self) -> None:
+        """The response has news (ResponseListener): relayed as it comes; what needs waiting (a
+        failure before the response, a client slower than the backend) goes on as a task."""
+        response = self.response
+        if self.over or response is None:
+            return
+        request = self.request
+        exchange = self.exchange
+        try:
+            if not self.streaming:
+                if not response.complete:
+                    if response.error is not None:  # nothing was sent: retried, or answered, there
+                        self.hand_over(self.proxy._resume(self))
+                        return
+                    if not response.head_received:
+                        return
+                    self.streaming = True  # the head now, as the ordinary path does, the body as it comes
+                request.start(response.status, _response_headers(response, exchange))
+            error = response.error
+            if error is not None:  # the status line is gone already: all we can do is cut the response short
+                self.proxy.metrics.backend_error(self.model, self.environment, "stream")
+                log.warning("backend %s of %s failed mid-response: %s", self.backend.url, self.key, error)
+                self._end(response.status)
+                return
+            body = response.take_body()
+            exchange.sent += len(body)
+            if exchange.response_tokens is not None:
+                exchange.response_tokens.feed(body)
+            if response.complete:
+                self.release()
+                exchange.finished = True
+                request.write_body(body, False)
+                exchange.finished_body = True
+                self.proxy.direct_answered += 1
+                self._end(response.status)
+            elif request.write_body(body, True):  # the client takes less than the backend sends
+                self.hand_over(self.proxy._resume_relay(self))
+        except Exception as exc:  # as on the ordinary path: a 500 when nothing was sent, logged
+            request.fail(exc)
+            if not self.over:
+                self._end(499)
+
+    def _end(self, status: int) -> None:
+        self.over = True
+        response = self.response
+        if response is not None:
+            response.listener = None
+            response.close()  # a connection still busy with the response is not reused
+        self.release()
+        self.proxy._finish(self.exchange, self.model, self.environment, status, self.started, self.meter,
+                           self.in_flight)
+        self.request.done()
+
+    def hand_over(self, coro: Any) -> None:
+        """On to a coroutine (Proxy._resume, Proxy._resume_relay), as the request's task."""
+        if self.response is not None:
+            self.response.listener = None
+        request = self.request
+        request.run(coro)
+        self.over = True
+        self.proxy.direct_handed_over += 1
+        exchange = self.exchange
+        exchange.task = request.task
+        request.notify_disconnect(exchange.client_went_away)
+
+    def client_gone(self) -> None:
+        """The client went away before its response was written (the server's disconnect callback)."""
+        if self.over:
+            return
+        self.exchange.client_gone = True
+        self._end(499)

@@ -48,6 +48,7 @@ class EchoBackend:
     """A tiny inference server: answers with its name and what it received.
 
     ``/stream`` sends ``first`` and holds the rest until ``release`` is set; ``/slow?ms=N`` waits N ms;
+    ``/big?bytes=N`` answers N bytes;
     ``/usage?in=N&out=M`` answers like an OpenAI API, with ``usage`` (``/usage-stream``: as an event
     stream whose last event has it).
     """
@@ -98,6 +99,15 @@ class EchoBackend:
                 self.cancelled.set()
                 return
             hangup.cancel()
+        if path == "/big":  # ?bytes=N of body, in 64 KiB messages
+            size = int(query.decode().partition("=")[2])
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"application/octet-stream"), (b"content-length", str(size).encode())]})
+            block = bytes(range(256)) * 256
+            for start in range(0, size, len(block)):
+                await send({"type": "http.response.body", "body": block[:size - start], "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         if path in ("/usage", "/usage-stream"):
             await self._usage(send, dict(parse_qsl(query.decode())), stream=path == "/usage-stream")
             return

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 
 from modelfleet.reconciler.api.executions import execution_routes
 from modelfleet.reconciler.daemon.executions import ExecutionJournal
-from modelfleet.reconciler.gateway.executions import SLICE, ExecutionRecorder, encode_batch
+from modelfleet.reconciler.gateway.executions import FLUSH_SLICE, SLICE, ExecutionRecorder, encode_batch
 from modelfleet.reconciler.gateway.metrics import GatewayMetrics
 from modelfleet.reconciler.gateway.routes import Activation, Backend
 from modelfleet.reconciler.logs import ExecutionHandler, JsonFormatter
@@ -186,7 +186,7 @@ def test_a_flush_of_many_records_writes_every_line_in_order() -> None:
     execution_logger.setLevel(logging.INFO)
     try:
         recorder = ExecutionRecorder(GatewayMetrics())
-        count = 2 * SLICE + 17  # written a slice at a time
+        count = 2 * SLICE + FLUSH_SLICE + 5  # written a slice at a time
         for n in range(count):
             recorder.record(f"id-{n}", "m", "production", 200, 0.001, 10, 20, None, False, False, False)
         assert len(recorder.flush()) == count

@@ -152,6 +152,7 @@ class GatewayMetrics:
         self._request_counts: dict[tuple[str, str, int], int] = {}
         # (model, environment, version, location, kind) -> tokens counted (gateway/tokens.py).
         self._token_counts: dict[tuple[str, str, str, str, str], int] = {}
+        self._token_series: set[tuple[str, str, str, str, str]] = set()  # the label sets handed over
         self._latency_pending: dict[tuple[str, str], list[float]] = {}
         # The recorder thread's execution figures, handed over at the end of each batch.
         self._execution_pending: dict[tuple[str, str, str, str, int], list[float]] = {}
@@ -200,6 +201,7 @@ class GatewayMetrics:
         tokens, self._token_counts = self._token_counts, {}
         for labels, value in tokens.items():
             self.tokens.labels(*labels).inc(value)
+            self._token_series.add(labels)
         counts, self._request_counts = self._request_counts, {}
         for key, count in counts.items():
             counter = self._requests.get(key)
@@ -260,6 +262,11 @@ class GatewayMetrics:
                                    (self.execution_latency, (model, environment, version[:12], location))):
                 with contextlib.suppress(KeyError):
                     metric.remove(*labels)
+        short = {version[:12] for version in live}
+        for labels in [t for t in self._token_series if t[2] and t[2] not in short]:
+            self._token_series.discard(labels)
+            with contextlib.suppress(KeyError):
+                self.tokens.remove(*labels)
 
     def backend_error(self, model: str, environment: str, kind: str) -> None:
         self.backend_errors.labels(model, environment, kind).inc()

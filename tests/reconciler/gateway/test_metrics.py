@@ -70,3 +70,22 @@ def test_execution_figures_per_version_are_applied_a_batch_at_a_time() -> None:
     assert ('modelfleet_gateway_execution_duration_seconds_bucket{environment="production",le="0.0025",'
             'location="paris",model="m",version="abcdef012345"} 2.0') in text
     assert 'modelfleet_gateway_cold_starts_total{environment="production",model="m"} 1.0' in text
+
+
+def test_series_of_versions_no_route_serves_are_dropped_token_series_included() -> None:
+    metrics = GatewayMetrics()
+    old, new = "a" * 64, "b" * 64
+    for version in (old, new):
+        metrics.execution("m", "production", version, "paris-1", 200, 0.01, False)
+        metrics.count_tokens("m", "production", version, "paris-1", 5, 7)
+    metrics.apply_executions()
+    metrics.sync()
+    before = generate_latest(metrics.registry)
+    assert f'version="{old[:12]}"'.encode() in before and b"modelfleet_gateway_tokens_total" in before
+    metrics.forget_versions({new})
+    after = generate_latest(metrics.registry).decode()
+    assert old[:12] not in after
+    tokens = samples(after.encode(), "modelfleet_gateway_tokens_total")
+    assert sorted(tokens.values()) == [5.0, 7.0] and all(new[:12] in k for k in tokens)
+    executions = samples(after.encode(), "modelfleet_gateway_executions_total")
+    assert list(executions.values()) == [1.0] and new[:12] in next(iter(executions))

@@ -117,7 +117,9 @@ def deployment_statuses(
         elif state.unschedulable and len(ready_rows) < desired_running:
             status, reason, message = "failure", UNSCHEDULABLE, f"unschedulable: {state.unschedulable}"
         elif len(ready_rows) >= desired_running:
-            behind = gateways_behind((route_versions or {}).get(route_key(*key), 0), acknowledged or {})
+            # (A standby routes nothing: which gateways are behind does not matter for it.)
+            behind = gateways_behind((route_versions or {}).get(route_key(*key), 0), acknowledged or {}) \
+                if desired_running else []
             if desired_running and behind:
                 status, reason = "pending", GATEWAYS_SWITCHING
                 message = (f"{len(ready_rows)}/{desired_running} ready on {', '.join(hosts)} at {short}; waiting for "

@@ -197,6 +197,7 @@ class Daemon:
         self.clients = {h.name: HostClient(h, timeout=config.docker.timeout) for h in config.pool.hosts}
         # One observing thread per host, kept from pass to pass (pool/observe.py).
         self._observers = ThreadPoolExecutor(max_workers=max(1, len(self.clients)), thread_name_prefix="observe")
+        self._replica_counts: dict[Key, tuple[int, int]] = {}  # what the replica gauges were last set to
         self.triggers = TriggerQueue()
         self.stop_event = threading.Event()
         self.metrics = Metrics()
@@ -600,7 +601,12 @@ class Daemon:
             self.metrics.rollout_seconds.labels(outcome.action.op).observe(outcome.seconds)
 
     def _count_states(self, statuses: dict[Key, DeploymentStatus]) -> None:
-        for status in statuses.values():
+        counted = self._replica_counts
+        for key, status in statuses.items():
+            figures = (status.desired_replicas, status.ready_replicas)
+            if counted.get(key) == figures:
+                continue  # the gauges say so already (a label lookup per series and pass adds up)
+            counted[key] = figures
             self.metrics.desired_replicas.labels(status.model, status.environment).set(status.desired_replicas)
             self.metrics.ready_replicas.labels(status.model, status.environment).set(status.ready_replicas)
         counts: dict[str, int] = {"success": 0, "pending": 0, "failure": 0, "error": 0}
